@@ -1,0 +1,293 @@
+"""The ingest job as a Ray Data pipeline: discover -> identify -> group by scan -> convert + write.
+
+    files (driver lists the input tree once)
+      -> map_batches(identify): read DICOM headers in parallel; every file gets a pseudonymous
+         scan id (keyed hash of the SeriesInstanceUID, or of the NIfTI path) and patient id
+      -> groupby(scan_id).map_groups(convert): skip committed scans, read + check + convert,
+         write the volume, read it back, commit its manifest row
+      -> driver: counts, manifest.parquet, quarantine.parquet, run record
+
+Identity fields of DICOM headers never leave `identify`/`convert`: only keyed hashes (HMAC-SHA256
+with a per-site secret) travel through Ray and reach the store. Failures of one input become a
+quarantine row with the input path and the reason; the job goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import posixpath
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from fmct_ray import config as config_lib
+from fmct_ray.ingest.geometry import PreprocessConfig, convert
+from fmct_ray.ingest.quality import QualityConfig, check_header, check_intensities
+from fmct_ray.ingest.readers import QuarantineError, read_dicom_header, read_dicom_series, read_nifti
+from fmct_ray.ingest.store import INGEST_VERSION, SiteStore, StoreConfig
+from fmct_ray.storage import StorageConfig, filesystem, is_local, storage_options
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Root config of `jobs/ingest.py`.
+
+    Args:
+        preprocess: HU -> RAS -> 1 mm -> int16 -> 224^3 (SPEC section 1).
+        quality: cohort gates (SPEC section 1); failures are quarantined.
+        store: encoding of stored volumes.
+        input_storage: how to reach the input tree (endpoint, credential references).
+        output_storage: how to reach the store.
+        secret_env: environment variable holding the site's pseudonymisation secret.
+        patient_id_pattern: regex on a NIfTI file's path relative to the input root whose first
+            group is the patient (None: one patient per file). DICOM uses PatientID.
+        split_seed: salt of the patient -> split assignment.
+        split_fractions: train / val / test fractions, by patient.
+        num_cpus_per_scan: CPUs reserved by each conversion task.
+    """
+
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    input_storage: StorageConfig = field(default_factory=StorageConfig)
+    output_storage: StorageConfig = field(default_factory=StorageConfig)
+    secret_env: str = "FMCT_SITE_SECRET"
+    patient_id_pattern: str | None = None
+    split_seed: str = "fmct-split-v1"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    num_cpus_per_scan: float = 1.0
+
+    def __post_init__(self) -> None:
+        if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
+            raise ValueError(f"split_fractions must be non-negative and sum to 1, got {self.split_fractions}")
+        if self.patient_id_pattern is not None:
+            re.compile(self.patient_id_pattern)
+
+
+def pseudonym(secret: bytes, kind: str, value: str) -> str:
+    """Keyed hash: stable for a site, meaningless without its secret."""
+    return hmac.new(secret, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:24]
+
+
+def assign_split(patient_id: str, seed: str, fractions: tuple[float, float, float]) -> str:
+    """Deterministic train/val/test by patient; independent of what else is in the store."""
+    u = int(hashlib.sha256(f"{seed}:{patient_id}".encode()).hexdigest()[:15], 16) / 16**15
+    return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
+
+
+def site_secret(cfg: IngestConfig) -> bytes:
+    secret = os.environ.get(cfg.secret_env)
+    if not secret:
+        raise SystemExit(
+            f"ingest: set the site's pseudonymisation secret in ${cfg.secret_env} (any long random "
+            "string kept by the site; the same secret must be used for every run of that site)"
+        )
+    return secret.encode()
+
+
+# -- discovery (driver) ---------------------------------------------------------------------------
+def discover(input_uri: str, storage: StorageConfig) -> list[dict[str, str]]:
+    """Every non-hidden file under `input_uri` (or the file itself), with its kind."""
+    fs, root = filesystem(input_uri, storage)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"ingest: input {input_uri} does not exist")
+    paths = [root] if fs.isfile(root) else sorted(fs.find(root))
+    prefix = "" if is_local(fs) else input_uri.split("://", 1)[0] + "://"
+    base = posixpath.dirname(root) if fs.isfile(root) else root
+    items = []
+    for path in paths:
+        rel = posixpath.relpath(path, base)
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        kind = "nifti" if path.lower().endswith(NIFTI_SUFFIXES) else "dicom"
+        items.append({"path": prefix + path, "rel": rel, "kind": kind})
+    return items
+
+
+# -- per-file identification (Ray tasks) ----------------------------------------------------------
+class Identify:
+    """map_batches function: give every file a scan id and patient id (keyed hashes)."""
+
+    def __init__(self, secret: bytes, cfg: IngestConfig, options: dict[str, Any]):
+        self.secret, self.cfg, self.options = secret, cfg, options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list[str]] = {"path": [], "scan_id": [], "patient_id": [], "kind": [], "error": []}
+        for path, rel, kind in zip(batch["path"], batch["rel"], batch["kind"], strict=True):
+            scan_key, patient_key, error = self._keys(str(path), str(rel), str(kind))
+            out["path"].append(str(path))
+            out["kind"].append(str(kind))
+            out["error"].append(error)
+            out["scan_id"].append(pseudonym(self.secret, "scan", scan_key))
+            out["patient_id"].append(pseudonym(self.secret, "patient", patient_key))
+        return {k: np.asarray(v, dtype=object) for k, v in out.items()}
+
+    def _keys(self, path: str, rel: str, kind: str) -> tuple[str, str, str]:
+        if kind == "nifti":
+            match = re.search(self.cfg.patient_id_pattern, rel) if self.cfg.patient_id_pattern else None
+            patient = match.group(1) if match else re.sub(r"\.nii(\.gz)?$", "", rel, flags=re.I)
+            return f"nifti:{rel}", patient, ""
+        try:
+            header = read_dicom_header(read_bytes(path, self.options), path)
+        except QuarantineError as err:
+            return f"bad:{rel}", f"bad:{rel}", err.reason
+        except Exception as err:  # noqa: BLE001 - any unreadable file is quarantined, not fatal
+            return f"bad:{rel}", f"bad:{rel}", f"unreadable: {type(err).__name__}"
+        series = header["series_key"]
+        return f"dicom:{series}", header.get("patient_key") or f"series:{series}", ""
+
+
+def read_bytes(path: str, options: dict[str, Any]) -> bytes:
+    if "://" in path:
+        import fsspec
+
+        protocol = path.split("://", 1)[0]
+        return fsspec.filesystem(protocol, **options).cat_file(path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# -- per-scan conversion (Ray tasks) --------------------------------------------------------------
+class Convert:
+    """map_groups function: one group = the files of one scan -> one committed volume."""
+
+    def __init__(
+        self, site: str, store_uri: str, cfg: IngestConfig, in_opts: dict, out_opts: dict, done: set[str]
+    ):
+        self.site, self.store_uri, self.cfg = site, store_uri, cfg
+        self.in_opts, self.out_opts, self.done = in_opts, out_opts, done
+
+    def __call__(self, group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        scan_id, paths = str(group["scan_id"][0]), [str(p) for p in group["path"]]
+        source = paths[0] if len(paths) == 1 else posixpath.dirname(paths[0]) + "/"
+        status, reason = "written", ""
+        if scan_id in self.done:
+            status = "skipped"
+        else:
+            try:
+                self._ingest(scan_id, str(group["patient_id"][0]), str(group["kind"][0]), paths, group)
+            except QuarantineError as err:
+                status, reason = "quarantined", err.reason
+            except Exception as err:  # noqa: BLE001 - one bad scan must not stop the job
+                status, reason = "quarantined", f"conversion failed: {type(err).__name__}: {err}"
+        return {
+            "scan_id": np.array([scan_id], dtype=object),
+            "status": np.array([status], dtype=object),
+            "path": np.array([source], dtype=object),
+            "reason": np.array([reason], dtype=object),
+            "seconds": np.array([time.perf_counter() - start]),
+        }
+
+    def _ingest(self, scan_id: str, patient_id: str, kind: str, paths: list[str], group) -> None:
+        errors = [e for e in group["error"] if e]
+        if errors:
+            raise QuarantineError(str(errors[0]), paths[0])
+        if kind == "nifti":
+            raw = read_nifti(read_bytes(paths[0], self.in_opts), paths[0])
+        else:
+            files = [(p, read_bytes(p, self.in_opts)) for p in paths]
+            raw = read_dicom_series(files, max_gap_factor=self.cfg.quality.max_gap_factor)
+        check_header(raw.meta, self.cfg.quality)
+        check_intensities(raw.array, self.cfg.quality)
+        volume, affine = convert(raw, self.cfg.preprocess)
+        store = SiteStore(self.store_uri, options=self.out_opts)
+        digest = store.write_volume(scan_id, volume, affine, self.cfg.store)
+        store.commit(manifest_row(scan_id, patient_id, self.site, kind, raw.meta, volume, digest, self.cfg))
+
+
+def manifest_row(
+    scan_id: str,
+    patient_id: str,
+    site: str,
+    kind: str,
+    meta: dict,
+    volume: np.ndarray,
+    digest: str,
+    cfg: IngestConfig,
+) -> dict[str, Any]:
+    def num(value):
+        return None if value is None else float(value)
+
+    return {
+        "scan_id": scan_id,
+        "patient_id": patient_id,
+        "site": site,
+        "split": assign_split(patient_id, cfg.split_seed, cfg.split_fractions),
+        "source_format": kind,
+        "modality": meta.get("modality"),
+        "orig_shape": [int(s) for s in meta["shape"]],
+        "orig_spacing": [float(s) for s in meta["spacing"]],
+        "orig_orientation": str(meta["orientation"]),
+        "slice_thickness": num(meta.get("slice_thickness")),
+        "manufacturer": meta.get("manufacturer"),
+        "kvp": num(meta.get("kvp")),
+        "stored_shape": [int(s) for s in volume.shape],
+        "checksum": digest,
+        "ingest_version": INGEST_VERSION,
+    }
+
+
+# -- the job --------------------------------------------------------------------------------------
+def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> dict[str, Any]:
+    """Ingest every scan under `input_uri` into the site store at `store_uri`; returns the summary."""
+    import ray
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", site):
+        raise ValueError(f"site name {site!r}: use letters, digits, '_', '.', '-'")
+    secret = site_secret(cfg)
+    start = time.perf_counter()
+    store = SiteStore(store_uri, cfg.output_storage)
+    store.init(site)
+    done = store.committed_ids()
+    files = discover(input_uri, cfg.input_storage)
+    if not files:
+        raise SystemExit(f"ingest: no files under {input_uri}")
+    in_opts = storage_options(cfg.input_storage) if "://" in input_uri else {}
+    out_opts = storage_options(cfg.output_storage) if "://" in store_uri else {}
+    ray.init(ignore_reinit_error=True, log_to_driver=True)
+    identify = Identify(secret, cfg, in_opts)
+    convert_one = Convert(site, store_uri, cfg, in_opts, out_opts, done)
+
+    def identify_files(batch):
+        return identify(batch)
+
+    def convert_scan(group):
+        return convert_one(group)
+
+    ds = (
+        ray.data.from_items(files, override_num_blocks=max(1, min(len(files) // 16, 256)))
+        .map_batches(identify_files, batch_size=16)
+        .groupby("scan_id", num_partitions=max(1, min(len(files) // 8, 200)))
+        .map_groups(convert_scan, num_cpus=cfg.num_cpus_per_scan, batch_format="numpy")
+    )
+    results = list(ds.iter_rows())
+    manifest = store.consolidate()
+    quarantined = [
+        {"path": r["path"], "reason": r["reason"]} for r in results if r["status"] == "quarantined"
+    ]
+    store.write_quarantine(quarantined)
+    seconds = time.perf_counter() - start
+    counts = {s: sum(r["status"] == s for r in results) for s in ("written", "skipped", "quarantined")}
+    summary = {
+        "site": site,
+        "scans_found": len(results),
+        **counts,
+        "manifest_rows": len(manifest),
+        "seconds": round(seconds, 2),
+        "scans_per_s": round(counts["written"] / seconds, 3),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    run_dir = f"runs/{summary['finished_at'].replace(':', '')}"
+    store.write_text(f"{run_dir}/config.yaml", config_lib.dump(cfg))
+    store.write_text(f"{run_dir}/summary.json", json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,168 @@
+"""Real local services for tests, demos and benchmarks: an S3 server and a Ray cluster on loopback.
+
+`S3Server` runs moto's server mode (a real S3-compatible HTTP endpoint) on 127.0.0.1;
+`RayCluster` runs `ray start --head` on loopback so that jobs go through `ray job submit` exactly
+as on a real cluster. Both stop what they started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+# Ray advertises the host's outward address even for a single-machine cluster; this switch (meant
+# for laptops) makes it advertise 127.0.0.1 instead, so local clusters stay on loopback.
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+# Credentials of the throwaway loopback server, never of a real account.
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not come up within {timeout:.0f} s")
+
+
+class S3Server:
+    """moto_server on 127.0.0.1:<free port>; `endpoint` is its URL."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> S3Server:
+        exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+        self.proc = subprocess.Popen(
+            [exe, "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def up() -> bool:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                return True
+            except OSError:
+                return False
+
+        _wait(up, 30, "moto_server")
+        return self
+
+    def env(self) -> dict[str, str]:
+        return {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=self.endpoint)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class RayCluster:
+    """A head node started with `ray start --head` on loopback, in its own temp dir."""
+
+    def __init__(self, num_cpus: int = 2, resources: str | None = None) -> None:
+        self.num_cpus = num_cpus
+        self.resources = resources
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.tmp = tempfile.mkdtemp(prefix="ray_")
+        # Jobs run `python ...`: make that the interpreter (and virtualenv) running this code.
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {
+            **os.environ,
+            **LOOPBACK_RAY_ENV,
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        }
+
+    def ray(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        exe = str(Path(sys.executable).parent / "ray")
+        return subprocess.run([exe, *args], env=self.env, text=True, capture_output=True, **kw)
+
+    def __enter__(self) -> RayCluster:
+        args = [
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.port}",
+            f"--num-cpus={self.num_cpus}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--temp-dir={self.tmp}",
+            "--disable-usage-stats",
+        ]
+        if self.resources:
+            args.append(f"--resources={self.resources}")
+        out = self.ray(*args, timeout=180)
+        if out.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
+        return self
+
+    def submit(
+        self, *entrypoint: str, working_dir: str = ".", env: dict | None = None, timeout: float = 900
+    ) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir ... -- <entrypoint>`; waits for the job and returns."""
+        runtime_env = {"env_vars": env} if env else None
+        args = ["job", "submit", f"--address={self.dashboard}", f"--working-dir={working_dir}"]
+        if runtime_env:
+            import json
+
+            args.append(f"--runtime-env-json={json.dumps(runtime_env)}")
+        return self.ray(*args, "--", *entrypoint, timeout=timeout)
+
+    def __exit__(self, *exc) -> None:
+        self.ray("stop", "--force", timeout=120)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def kill_processes_under(tmp_dir: str, *pids: int) -> None:
+    """SIGKILL the processes `pids` and every Ray process started under `tmp_dir` (RAY_TMPDIR),
+    with all their descendants (Ray workers rename themselves, so they are found as children)."""
+    import psutil
+
+    roots = [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(tmp_dir in arg for arg in proc.info["cmdline"] or []):
+                roots.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    victims = set(roots)
+    for proc in roots:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victims.update(proc.children(recursive=True))
+    for proc in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(list(victims), timeout=10)
+    shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from fmct_ray.testing import LOOPBACK_RAY_ENV, S3Server
+
+os.environ.update(LOOPBACK_RAY_ENV)  # every Ray cluster a test starts stays on 127.0.0.1
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not REAL.exists():
+        pytest.skip(f"real CT data not found at {REAL} (../shared beside the repository)")
+    return REAL
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-compatible HTTP server (moto) on 127.0.0.1, with its credentials in the env."""
+    with S3Server() as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        yield server
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def site_secret(monkeypatch):
+    monkeypatch.setenv("FMCT_SITE_SECRET", "test-secret-of-site")
+    return "test-secret-of-site"

@@ -1,0 +1,244 @@
+"""The ingest job end to end: Ray Data pipeline, store, manifest, quarantine, privacy, safety."""
+
+import gzip
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from fmct_ray import config as config_lib
+from fmct_ray.ingest import SiteStore, load_volume
+from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
+from fmct_ray.ingest.store import checksum
+from fmct_ray.synthetic import write_site
+from fmct_ray.testing import kill_processes_under
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), path)
+    return path
+
+
+def make_bad_inputs(folder: Path) -> dict[str, str]:
+    """Corrupt or unusable inputs, each with a word its quarantine reason must contain."""
+    rng = np.random.default_rng(1)
+    head = np.round(rng.normal(-1000, 5, (40, 40, 30))).astype(np.int16)
+    good = _nifti(folder / "tmp_good.nii.gz", head, np.eye(4))
+    (folder / "truncated.nii.gz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    good.unlink()
+    (folder / "empty.nii").write_bytes(b"")
+    (folder / "notes.dcm").write_text("this is not an image\n")
+    _nifti(folder / "flat2d.nii.gz", head[:, :, :1], np.eye(4))
+    nan = head.astype(np.float32)
+    nan[5, 5, 5] = np.nan
+    _nifti(folder / "nans.nii.gz", nan, np.eye(4))
+    zero = nib.Nifti1Image(head, None)
+    zero.header["pixdim"][1:4] = [1.0, 0.0, 1.0]  # nibabel refuses such an affine, not such a header
+    nib.save(zero, folder / "zero_spacing.nii.gz")
+    return {
+        "truncated.nii.gz": "",
+        "empty.nii": "",
+        "notes.dcm": "",
+        "flat2d.nii.gz": "",
+        "nans.nii.gz": "nan",
+        "zero_spacing.nii.gz": "spacing",
+    }
+
+
+def check_store(uri: str, expected_rows: int) -> "object":
+    store = SiteStore(uri)
+    manifest = store.manifest()
+    assert len(manifest) == expected_rows
+    assert manifest["scan_id"].is_unique
+    assert store.committed_ids() == set(manifest["scan_id"])
+    for row in manifest.itertuples():
+        vol = load_volume(uri, row.scan_id)
+        assert vol.dtype == np.int16 and vol.shape == (224, 224, 224)
+        assert checksum(vol) == row.checksum
+    return manifest
+
+
+def test_ingest_synthetic_and_bad_inputs_then_rerun_skips(tmp_path, ray_local, site_secret):
+    raw = tmp_path / "raw"
+    labels = write_site(raw, n=5, seed=7)
+    bad = make_bad_inputs(raw / "broken")
+    store_uri = str(tmp_path / "store")
+    cfg = config_lib.load(
+        IngestConfig, ROOT / "configs/ingest/default.yaml", ["patient_id_pattern=^([^/]+)/"]
+    )
+
+    summary = run_ingest("site_a", str(raw), store_uri, cfg)
+    assert summary["scans_found"] == 5 + len(bad)
+    assert (summary["written"], summary["skipped"], summary["quarantined"]) == (5, 0, len(bad))
+    manifest = check_store(store_uri, 5)
+    assert set(manifest["site"]) == {"site_a"}
+    assert set(manifest["split"]) <= {"train", "val", "test"}
+    patients = {lab["patient"] for lab in labels}
+    assert manifest["patient_id"].nunique() == len(patients)
+    assert not any(p in " ".join(manifest["patient_id"]) for p in patients)  # pseudonymised
+    for _pid, rows in manifest.groupby("patient_id"):
+        assert rows["split"].nunique() == 1, "a patient's scans must share a split"
+
+    quarantine = SiteStore(store_uri).quarantine()
+    assert len(quarantine) == len(bad)
+    for name, word in bad.items():
+        reason = quarantine.loc[quarantine["path"].str.endswith(name), "reason"]
+        assert len(reason) == 1, name
+        assert reason.iloc[0] and word in reason.iloc[0].lower(), (name, reason.iloc[0])
+
+    # geometry survives every stored orientation: the heads are centred in the 224^3 box
+    for row in manifest.itertuples():
+        fg = np.argwhere(load_volume(store_uri, row.scan_id) > -500)
+        assert np.all(np.abs(fg.mean(0) - 111.5) < 12), fg.mean(0)
+
+    again = run_ingest("site_a", str(raw), store_uri, cfg)
+    assert (again["written"], again["skipped"], again["quarantined"]) == (0, 5, len(bad))
+    check_store(store_uri, 5)
+    assert len(list((tmp_path / "store" / "runs").iterdir())) == 2
+    saved = next((tmp_path / "store" / "runs").iterdir()) / "config.yaml"
+    assert config_lib.load(IngestConfig, saved) == cfg
+
+
+def test_store_of_another_site_is_refused(tmp_path, ray_local, site_secret):
+    raw = tmp_path / "raw"
+    write_site(raw, n=1, seed=3)
+    run_ingest("site_a", str(raw), str(tmp_path / "store"), IngestConfig())
+    with pytest.raises(ValueError, match="belongs to site 'site_a'"):
+        run_ingest("site_b", str(raw), str(tmp_path / "store"), IngestConfig())
+
+
+def test_missing_secret_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("FMCT_SITE_SECRET", raising=False)
+    with pytest.raises(SystemExit, match="FMCT_SITE_SECRET"):
+        run_ingest("site_a", str(tmp_path), str(tmp_path / "store"), IngestConfig())
+
+
+def _identity_strings(series: Path) -> list[str]:
+    ds = pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True)
+    values = [
+        str(ds.PatientName),
+        str(ds.PatientID),
+        str(ds.PatientBirthDate),
+        str(ds.StudyInstanceUID),
+        str(ds.SeriesInstanceUID),
+    ]
+    values += [str(ds.get(k)) for k in ("AccessionNumber", "InstitutionName") if ds.get(k)]
+    assert all(len(v) >= 6 for v in values[:3]), values
+    return [v for v in values if len(v) >= 6]
+
+
+def _run_job(*args: str, env: dict, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "jobs/ingest.py"), *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **kw,
+    )
+
+
+def test_real_dicom_ingest_leaks_no_identity(tmp_path, real_data, site_secret):
+    """The real series through the job as a user runs it; no header identity in any output byte."""
+    series = real_data / "invesalius_0051_dicom"
+    identity = _identity_strings(series)
+    store = tmp_path / "store"
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    try:
+        proc = _run_job("--site", "real", "--input", str(series), "--output", str(store), env=env)
+        log, _ = proc.communicate(timeout=600)
+    finally:
+        kill_processes_under(ray_tmp)
+    assert proc.returncode == 0, log.decode()[-3000:]
+    assert b'"written": 1' in log
+    manifest = check_store(str(store), 1)
+    row = manifest.iloc[0]
+    assert row["source_format"] == "dicom" and row["kvp"] == 140.0 and row["slice_thickness"] == 2.0
+    assert row["manufacturer"] and list(row["orig_shape"])[:2] == [512, 512]
+
+    outputs = [log] + [p.read_bytes() for p in store.rglob("*") if p.is_file()]
+    outputs += [p.read_bytes() for p in Path(ray_tmp).rglob("*.log") if p.is_file()]
+    outputs += [p.read_bytes() for p in Path(ray_tmp).rglob("*.out") if p.is_file()]
+    outputs += [gzip.decompress(b) for b in outputs if b[:2] == b"\x1f\x8b"]
+    for value in identity:
+        for variant in {value, value.replace("^", " "), value.upper()}:
+            assert not any(variant.encode() in blob for blob in outputs), f"{variant!r} leaked"
+
+
+def test_killed_ingest_resumes_with_every_scan_once(tmp_path, site_secret):
+    raw = tmp_path / "raw"
+    write_site(raw, n=10, seed=11)
+    store = tmp_path / "store"
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    rows = store / "_rows"
+    try:
+        proc = _run_job("--site", "s", "--input", str(raw), "--output", str(store), env=env)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(list(rows.glob("*.json")) if rows.exists() else []) < 3:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.2)
+    finally:  # SIGKILL the driver and every Ray process it started, workers mid-write included
+        kill_processes_under(ray_tmp, proc.pid)
+        proc.wait()
+    done_before = len(list(rows.glob("*.json")))
+    assert 3 <= done_before < 10, "the kill should land midway"
+    assert not (store / "manifest.parquet").exists()
+
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
+    try:
+        proc = _run_job(
+            "--site", "s", "--input", str(raw), "--output", str(store), env={**env, "RAY_TMPDIR": ray_tmp}
+        )
+        log, _ = proc.communicate(timeout=600)
+    finally:
+        kill_processes_under(ray_tmp)
+    assert proc.returncode == 0, log.decode()[-3000:]
+    summary = log.decode()[log.decode().rindex("ingest summary:") :]
+    assert f'"skipped": {done_before},' in summary and f'"written": {10 - done_before},' in summary, summary
+    check_store(str(store), 10)
+    volumes = [p for p in (store / "volumes").iterdir() if p.is_dir()]
+    assert len(volumes) == 10
+
+
+def test_ingest_from_and_to_s3(tmp_path, s3, ray_local, site_secret, real_data):
+    """Inputs read from one bucket, the store written to another, over a real loopback S3 server."""
+    fs = s3.filesystem()
+    for bucket in ("raw-site", "stores"):
+        fs.mkdir(bucket)
+    raw = tmp_path / "raw"
+    write_site(raw / "synthetic", n=2, seed=5)
+    fs.put(str(raw) + "/", "raw-site/in/", recursive=True)
+    fs.put(str(real_data / "invesalius_0051_dicom") + "/", "raw-site/in/dicom/", recursive=True)
+    keys = ["key_env=AWS_ACCESS_KEY_ID", "secret_env=AWS_SECRET_ACCESS_KEY", f"endpoint_url={s3.endpoint}"]
+    cfg = config_lib.load(
+        IngestConfig, None, [f"{side}.{k}" for side in ("input_storage", "output_storage") for k in keys]
+    )
+    summary = run_ingest("s3site", "s3://raw-site/in", "s3://stores/s3site", cfg)
+    assert (summary["written"], summary["quarantined"]) == (3, 0), summary
+    manifest = check_store("s3://stores/s3site", 3)
+    assert sorted(manifest["source_format"]) == ["dicom", "nifti", "nifti"]
+    assert fs.exists("stores/s3site/manifest.parquet") and fs.exists("stores/s3site/quarantine.parquet")
+    again = run_ingest("s3site", "s3://raw-site/in", "s3://stores/s3site", cfg)
+    assert again["skipped"] == 3 and again["written"] == 0
