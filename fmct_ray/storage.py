@@ -62,12 +62,20 @@ def storage_options(cfg: StorageConfig | None) -> dict[str, Any]:
     return opts
 
 
-def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem serving `uri` and the path within it (no protocol)."""
+def filesystem(
+    uri: str, cfg: StorageConfig | None = None, options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem serving `uri` and the path within it (no protocol).
+
+    `options` (already resolved, e.g. passed to a Ray worker) take the place of `cfg`.
+    """
     if not is_remote(uri):
         return fsspec.filesystem("file"), os.path.abspath(uri.removeprefix("file://"))
     protocol, path = uri.split("://", 1)
-    opts = storage_options(cfg) if protocol in ("s3", "s3a") else {}
+    if options is not None:
+        opts = options
+    else:
+        opts = storage_options(cfg) if protocol in ("s3", "s3a") else {}
     # One instance per (protocol, options) is cached by fsspec; fine inside long-lived workers.
     return fsspec.filesystem(protocol, **opts), path.rstrip("/")
 

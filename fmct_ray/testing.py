@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -103,6 +104,8 @@ class RayCluster:
             **LOOPBACK_RAY_ENV,
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
         }
+        # Token authentication, as on a real cluster: `ray job submit` must present the token.
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 
     def ray(self, *args: str, **kw) -> subprocess.CompletedProcess:
         exe = str(Path(sys.executable).parent / "ray")
@@ -120,6 +123,10 @@ class RayCluster:
             f"--dashboard-port={self.dashboard_port}",
             f"--temp-dir={self.tmp}",
             "--disable-usage-stats",
+            # fixed default ports would clash with any other Ray on the machine (tests, demo)
+            *(f"--{name}={free_port()}" for name in (
+                "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                "metrics-export-port", "ray-client-server-port")),
         ]
         if self.resources:
             args.append(f"--resources={self.resources}")
@@ -138,11 +145,16 @@ class RayCluster:
             import json
 
             args.append(f"--runtime-env-json={json.dumps(runtime_env)}")
-        return self.ray(*args, "--", *entrypoint, timeout=timeout)
+        deadline = time.monotonic() + 120
+        while True:  # the job agent comes up a little after `ray start` returns
+            out = self.ray(*args, "--", *entrypoint, timeout=timeout)
+            if "No available agent" not in out.stderr + out.stdout or time.monotonic() > deadline:
+                return out
+            time.sleep(2)
 
     def __exit__(self, *exc) -> None:
-        self.ray("stop", "--force", timeout=120)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        # Not `ray stop`: that ends every Ray process on the machine, other clusters included.
+        kill_processes_under(self.tmp)
 
 
 def kill_processes_under(tmp_dir: str, *pids: int) -> None:

@@ -6,11 +6,12 @@ import pytest
 
 from fmct_ray import config as C
 from fmct_ray.ingest.pipeline import IngestConfig
+from fmct_ray.train.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Root config class of each folder under configs/: every YAML there must load and validate.
-CONFIG_KINDS = {"ingest": IngestConfig}
+CONFIG_KINDS = {"ingest": IngestConfig, "pretrain": PretrainConfig}
 
 
 @dataclass(frozen=True)

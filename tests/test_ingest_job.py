@@ -18,7 +18,7 @@ from fmct_ray.ingest import SiteStore, load_volume
 from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
 from fmct_ray.ingest.store import checksum
 from fmct_ray.synthetic import write_site
-from fmct_ray.testing import kill_processes_under
+from fmct_ray.testing import RayCluster, kill_processes_under
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def make_bad_inputs(folder: Path) -> dict[str, str]:
         "notes.dcm": "",
         "flat2d.nii.gz": "",
         "nans.nii.gz": "nan",
-        "zero_spacing.nii.gz": "spacing",
+        "zero_spacing.nii.gz": "voxel size",
     }
 
 
@@ -83,7 +83,7 @@ def test_ingest_synthetic_and_bad_inputs_then_rerun_skips(tmp_path, ray_local, s
     bad = make_bad_inputs(raw / "broken")
     store_uri = str(tmp_path / "store")
     cfg = config_lib.load(
-        IngestConfig, ROOT / "configs/ingest/default.yaml", ["patient_id_pattern=^([^/]+)/"]
+        IngestConfig, ROOT / "configs/ingest/default.yaml", ["patient_id_pattern=([^/]+)/[^/]+$"]
     )
 
     summary = run_ingest("site_a", str(raw), store_uri, cfg)
@@ -236,9 +236,25 @@ def test_ingest_from_and_to_s3(tmp_path, s3, ray_local, site_secret, real_data):
         IngestConfig, None, [f"{side}.{k}" for side in ("input_storage", "output_storage") for k in keys]
     )
     summary = run_ingest("s3site", "s3://raw-site/in", "s3://stores/s3site", cfg)
-    assert (summary["written"], summary["quarantined"]) == (3, 0), summary
+    assert (summary["written"], summary["quarantined"]) == (3, 0), SiteStore("s3://stores/s3site").quarantine()
     manifest = check_store("s3://stores/s3site", 3)
     assert sorted(manifest["source_format"]) == ["dicom", "nifti", "nifti"]
     assert fs.exists("stores/s3site/manifest.parquet") and fs.exists("stores/s3site/quarantine.parquet")
     again = run_ingest("s3site", "s3://raw-site/in", "s3://stores/s3site", cfg)
     assert again["skipped"] == 3 and again["written"] == 0
+
+
+def test_ingest_through_ray_job_submit(tmp_path):
+    """The job as users run it on a cluster: `ray start --head`, then `ray job submit`."""
+    raw = tmp_path / "raw"
+    write_site(raw, n=3, seed=21)
+    store = tmp_path / "store"
+    with RayCluster(num_cpus=2) as cluster:
+        out = cluster.submit("python", "jobs/ingest.py", "--site", "remote", "--input", str(raw),
+                             "--output", str(store), "--set", "store.codec=blosc-zstd",
+                             working_dir=str(ROOT), env={"FMCT_SITE_SECRET": "cluster-secret"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert '"written": 3' in out.stdout
+    check_store(str(store), 3)
+    saved = next((store / "runs").iterdir()) / "config.yaml"
+    assert config_lib.load(IngestConfig, saved).store.codec == "blosc-zstd"

@@ -100,7 +100,12 @@ def discover(input_uri: str, storage: StorageConfig) -> list[dict[str, str]]:
     fs, root = filesystem(input_uri, storage)
     if not fs.exists(root):
         raise FileNotFoundError(f"ingest: input {input_uri} does not exist")
-    paths = [root] if fs.isfile(root) else sorted(fs.find(root))
+    if fs.isfile(root):
+        paths = [root]
+    elif is_local(fs):  # follow symlinked folders, as sites often link their trees together
+        paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files)
+    else:
+        paths = sorted(fs.find(root))
     prefix = "" if is_local(fs) else input_uri.split("://", 1)[0] + "://"
     base = posixpath.dirname(root) if fs.isfile(root) else root
     items = []

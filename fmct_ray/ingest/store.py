@@ -31,7 +31,15 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
-from fmct_ray.storage import StorageConfig, atomic_write, filesystem, is_local, join, storage_options
+from fmct_ray.storage import (
+    StorageConfig,
+    atomic_write,
+    filesystem,
+    is_local,
+    is_remote,
+    join,
+    storage_options,
+)
 
 INGEST_VERSION = "1"
 STORE_FORMAT = "fmct_ray.store/1"
@@ -70,11 +78,11 @@ class SiteStore:
     def __init__(self, uri: str, storage: StorageConfig | None = None, options: dict | None = None):
         self.uri = uri.rstrip("/")
         self.storage = storage
-        self.fs, self.root = filesystem(self.uri, storage)
-        # Resolved options can be passed in so workers need not see the environment.
-        self._options = (
-            options if options is not None else (storage_options(storage) if not is_local(self.fs) else {})
-        )
+        # Resolved options can be passed in so that workers need not see the environment.
+        if options is None:
+            options = storage_options(storage) if is_remote(self.uri) else {}
+        self._options = options
+        self.fs, self.root = filesystem(self.uri, options=options)
 
     # -- zarr ---------------------------------------------------------------------------------
     def _zarr_store(self, read_only: bool = False):

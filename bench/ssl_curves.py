@@ -1,0 +1,234 @@
+"""Toy self-supervised training on synthetic volumes: loss curves and collapse diagnostics.
+
+Trains `vit3d_tiny` with DINO (+ iBOT + KoLeo) and with MAE for a few hundred CPU steps on
+random "phantoms" (a few bright / dark ellipsoids in noise), logging per step the loss, the
+teacher's per-sample entropy and marginal (batch-mean) entropy of prototype probabilities, and
+the per-dimension standard deviation of teacher CLS embeddings across the batch. Collapse shows
+as marginal entropy -> 0 (one prototype for everything) or per-sample entropy -> log K
+(uniform outputs) together with embedding std -> 0.
+
+    .venv/bin/python bench/ssl_curves.py --steps 300 --out docs/img
+
+`tests/test_ssl_convergence.py` imports `train_dino` / `train_mae` from this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fmct_ray.objectives import DINOConfig, DINOTask, MAEConfig, MAETask, OptimConfig
+from fmct_ray.objectives.optim import apply_schedule, build_optimizer, clip_gradients
+from fmct_ray.objectives.schedules import lr_at, weight_decay_at
+
+TOY_DINO = DINOConfig(
+    model="vit3d_tiny",
+    head_hidden_dim=256,
+    head_bottleneck_dim=64,
+    n_prototypes=512,
+    ibot_n_prototypes=512,
+    ibot_weight=1.0,
+    koleo_weight=0.1,
+    warmup_teacher_temp_steps=30,
+    momentum_teacher=0.99,
+    freeze_last_layer_steps=10,
+)
+TOY_MAE = MAEConfig(model="vit3d_tiny", decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=False)
+
+
+def phantoms(n: int, side: int, gen: torch.Generator, channels: int = 3) -> torch.Tensor:
+    """n synthetic volumes (n, channels, side^3): per-volume background level and texture
+    frequency (global identity a view can recognise), plus 1-4 ellipsoids of random contrast."""
+    axis = torch.linspace(-1, 1, side)
+    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
+    vols = 0.05 * torch.randn(n, side, side, side, generator=gen)
+    for i in range(n):
+        level, freq, phase = torch.rand(3, generator=gen).tolist()
+        direction = torch.nn.functional.normalize(torch.randn(3, generator=gen), dim=0)
+        wave = torch.sin(
+            (1 + 6 * freq) * 3.14 * (direction[0] * z + direction[1] * y + direction[2] * x) + 6.28 * phase
+        )
+        vols[i] += level + 0.25 * wave
+        for _ in range(int(torch.randint(1, 5, (), generator=gen))):
+            c = torch.rand(3, generator=gen) * 1.2 - 0.6
+            r = torch.rand(3, generator=gen) * 0.4 + 0.1
+            inside = ((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2 < 1
+            vols[i][inside] += float(torch.rand((), generator=gen) * 1.4 - 0.7)
+    windows = [vols.clamp(0, 1)] + [torch.sigmoid((vols - 0.5) * k) for k in (4.0, 12.0)]
+    return torch.stack(windows[:channels], dim=1)
+
+
+def random_crop(vols: torch.Tensor, scale: tuple[float, float], out: int, gen: torch.Generator):
+    """Per-sample random cubic box of side fraction in `scale`, resized to out^3, random flips."""
+    side = vols.shape[-1]
+    crops = []
+    for v in vols:
+        s = max(2, int(side * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=gen)))))
+        o = [int(torch.randint(side - s + 1, (), generator=gen)) for _ in range(3)]
+        box = v[:, o[0] : o[0] + s, o[1] : o[1] + s, o[2] : o[2] + s]
+        box = F.interpolate(box[None], size=(out,) * 3, mode="trilinear", align_corners=False)[0]
+        for axis in (1, 2, 3):
+            if torch.rand((), generator=gen) < 0.5:
+                box = box.flip(axis)
+        crops.append(box)
+    return torch.stack(crops)
+
+
+def _entropies(probs: torch.Tensor) -> tuple[float, float]:
+    per_sample = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+    marginal = probs.mean(0)
+    return float(per_sample), float(-(marginal * marginal.clamp_min(1e-12).log()).sum())
+
+
+def _optimizer(module: torch.nn.Module, lr: float):
+    cfg = OptimConfig(lr=lr, weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0)
+    return cfg, build_optimizer(module, cfg)
+
+
+def train_dino(
+    steps: int = 300, batch: int = 8, seed: int = 0, cfg: DINOConfig = TOY_DINO, lr: float = 1e-3
+) -> dict:
+    """Train the toy DINO task; returns per-step lists (loss, dino, ibot, koleo, entropies, std)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = dataclasses.replace(cfg, total_steps=steps)
+    task = DINOTask(cfg).train()
+    ocfg, opt = _optimizer(task.student, lr=lr)
+    pool = phantoms(64, 48, gen)
+    log = {k: [] for k in ("loss", "dino", "ibot", "koleo", "entropy", "marginal_entropy", "embed_std")}
+    for step in range(steps):
+        vols = pool[torch.randint(len(pool), (batch,), generator=gen)]
+        g = [random_crop(vols, (0.6, 1.0), 32, gen) for _ in range(2)]
+        loc = [random_crop(vols, (0.25, 0.5), 16, gen) for _ in range(3)]
+        apply_schedule(
+            opt, lr_at(step, steps, ocfg.lr, 1e-5, steps // 10), weight_decay_at(step, steps, 0.04, 0.1)
+        )
+        out = task(g, loc, step)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        task.cancel_last_layer_grads(step)
+        clip_gradients(task.student.parameters(), ocfg.clip_grad)
+        opt.step()
+        task.update_teacher(step)
+        with torch.no_grad():
+            probs = task.teacher_probs(g, step)["cls"]
+            ent, marg = _entropies(probs)
+            std = task.teacher.backbone.forward_features(g[0])["cls"].std(0).mean()
+        for k in ("loss", "dino", "ibot", "koleo"):
+            log[k].append(float(out[k].detach()))
+        log["entropy"].append(ent)
+        log["marginal_entropy"].append(marg)
+        log["embed_std"].append(float(std))
+    log["log_k"] = math.log(cfg.n_prototypes)
+    return log
+
+
+def train_mae(
+    steps: int = 300, batch: int = 8, seed: int = 0, cfg: MAEConfig = TOY_MAE, lr: float = 1.5e-3
+) -> dict:
+    """Train the toy MAE task; returns per-step lists (loss, embed_std of encoder CLS)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    task = MAETask(cfg).train()
+    ocfg, opt = _optimizer(task.model, lr=lr)
+    pool = phantoms(64, 48, gen)
+    log = {"loss": [], "embed_std": []}
+    for step in range(steps):
+        vols = random_crop(pool[torch.randint(len(pool), (batch,), generator=gen)], (0.6, 1.0), 32, gen)
+        apply_schedule(opt, lr_at(step, steps, ocfg.lr, 1e-5, steps // 20), 0.05)
+        out = task(vols, step)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        clip_gradients(task.model.parameters(), ocfg.clip_grad)
+        opt.step()
+        log["loss"].append(float(out["loss"].detach()))
+        with torch.no_grad():
+            log["embed_std"].append(float(task.encoder.forward_features(vols)["cls"].std(0).mean()))
+    return log
+
+
+def _smooth(values: list[float], k: int = 10) -> list[float]:
+    return [
+        sum(values[max(0, i - k + 1) : i + 1]) / len(values[max(0, i - k + 1) : i + 1])
+        for i in range(len(values))
+    ]
+
+
+def plot(dino: dict, mae: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    for k in ("loss", "dino", "ibot", "koleo"):
+        ax[0].plot(_smooth(dino[k]), label=k)
+    ax[0].set(title="DINO task losses (10-step mean)", xlabel="step")
+    ax[0].legend()
+    ax[1].plot(dino["entropy"], label="per-sample entropy")
+    ax[1].plot(dino["marginal_entropy"], label="marginal entropy")
+    ax[1].axhline(dino["log_k"], ls="--", c="gray", label="log K (uniform)")
+    ax[1].set(title="teacher output entropy (nats)", xlabel="step")
+    ax[1].legend()
+    ax[2].plot(dino["embed_std"])
+    ax[2].set(title="teacher CLS std across batch", xlabel="step")
+    fig.tight_layout()
+    paths = [out / "models_dino_curves.png"]
+    fig.savefig(paths[0], dpi=110)
+    fig, ax = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    ax[0].plot(mae["loss"], alpha=0.4, label="loss")
+    ax[0].plot(_smooth(mae["loss"]), label="10-step mean")
+    ax[0].set(title="MAE loss (masked patches)", xlabel="step")
+    ax[0].legend()
+    ax[1].plot(mae["embed_std"])
+    ax[1].set(title="encoder CLS std across batch", xlabel="step")
+    fig.tight_layout()
+    paths.append(out / "models_mae_curves.png")
+    fig.savefig(paths[1], dpi=110)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("docs/img"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    dino = train_dino(args.steps)
+    t1 = time.time()
+    mae = train_mae(args.steps)
+    t2 = time.time()
+    paths = plot(dino, mae, args.out)
+    summary = {
+        "steps": args.steps,
+        "dino_seconds": round(t1 - t0, 1),
+        "mae_seconds": round(t2 - t1, 1),
+        "dino_loss_first20": sum(dino["loss"][:20]) / 20,
+        "dino_loss_last20": sum(dino["loss"][-20:]) / 20,
+        "teacher_entropy_last": dino["entropy"][-1],
+        "teacher_marginal_entropy_last": dino["marginal_entropy"][-1],
+        "log_k": dino["log_k"],
+        "teacher_embed_std_first/last": (dino["embed_std"][0], dino["embed_std"][-1]),
+        "mae_loss_first20": sum(mae["loss"][:20]) / 20,
+        "mae_loss_last20": sum(mae["loss"][-20:]) / 20,
+        "mae_embed_std_last": mae["embed_std"][-1],
+        "figures": [str(p) for p in paths],
+    }
+    print(json.dumps(summary, indent=2))
+    (args.out / "models_ssl_curves.json").write_text(
+        json.dumps({"summary": summary, "dino": dino, "mae": mae})
+    )
+
+
+if __name__ == "__main__":
+    main()

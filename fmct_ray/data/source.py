@@ -1,0 +1,349 @@
+"""Ray Data source over one or several site stores: ids in, int16 multi-crop views out.
+
+The driver only decides *which* scan goes where: `epoch_order(seed, epoch)` draws, in numpy, the
+order of (site, manifest row) pairs of one epoch (a fresh permutation every epoch, reproducible from
+(seed, epoch), with per-site sampling weights). The dataset itself is `ray.data.range(n)` over the
+global sample indices of the run (lazy, nothing is materialised), followed by an actor
+`map_batches` (`VolumeReader`) that maps each index to its scan, reads the volume once (one GET of
+the single Zarr chunk) and cuts every view of the recipe from it. Rows carry int16 crops plus
+integer ids only (`iter_torch_batches` raises on string columns).
+
+Sample `i` of the run belongs to epoch `i // samples_per_epoch`; its crops use
+`np.random.default_rng([seed, i])`, so they do not depend on which worker cut them, and a run
+resumed at sample `s` (`build_dataset(..., start=s)`) sees exactly the samples an uninterrupted run
+would have seen from `s` on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fmct_ray.data.crops import MultiCrop, MultiCropConfig
+from fmct_ray.ingest.store import SiteStore
+from fmct_ray.storage import StorageConfig, is_local, join
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One site's store.
+
+    Args:
+        name: site name (logs; the row carries its position in `DataConfig.sites`).
+        uri: store root, local folder or s3://bucket/prefix.
+        storage: where the reader finds this site's credentials (never the secrets).
+        weight: per-scan sampling weight; a site's share of an epoch is proportional to
+            weight x its number of scans (all 1: every scan once per epoch).
+        resource: custom Ray resource that pins this site's readers to its nodes (None: anywhere).
+    """
+
+    name: str
+    uri: str
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    weight: float = 1.0
+    resource: str | None = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The streaming data path.
+
+    Args:
+        sites: the stores (usually given on the command line, not in the recipe).
+        split: manifest split to train on ("train", "val", "test" or "all").
+        seed: seed of the epoch orders and of the per-sample crop generators.
+        crops: multi-crop views cut on the CPU workers.
+        samples_per_epoch: epoch length in samples (None: all scans of the split).
+        readers: reader actors (the minimum when `max_readers` is set).
+        max_readers: autoscale the reader pool up to this many actors (None: fixed `readers`).
+        cpus_per_reader: CPUs reserved per reader actor.
+        volumes_per_task: volumes per `map_batches` call (rows per output block).
+        prefetch_batches: batches each training worker prefetches.
+        preserve_order: deliver samples in order (exact resume with one worker; slightly slower).
+        fast_read: read the single Zarr chunk in one GET and decode it with numcodecs (falls
+            back to zarr when the array is not a single blosc/zstd chunk).
+    """
+
+    sites: tuple[SiteSpec, ...] = ()
+    split: str = "train"
+    seed: int = 0
+    crops: MultiCropConfig = field(default_factory=MultiCropConfig)
+    samples_per_epoch: int | None = None
+    readers: int = 2
+    max_readers: int | None = None
+    cpus_per_reader: float = 1.0
+    volumes_per_task: int = 2
+    prefetch_batches: int = 2
+    preserve_order: bool = False
+    fast_read: bool = True
+
+
+# -- the order of one epoch (driver and readers; ids only) ------------------------------------
+def site_counts(sizes: list[int], weights: list[float], n: int) -> np.ndarray:
+    """Samples per site in an epoch of `n`: proportional to weight x size, largest remainder."""
+    mass = np.asarray(weights, float) * np.asarray(sizes, float)
+    if mass.sum() <= 0:
+        raise ValueError("no scans to sample: every site is empty or has weight 0")
+    exact = n * mass / mass.sum()
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]] += 1
+    return counts
+
+
+def epoch_order(sizes: list[int], weights: list[float], n: int, seed: int, epoch: int) -> np.ndarray:
+    """(n, 2) int64 of (site, manifest row) for `epoch`: a function of (seed, epoch) only.
+
+    Each site contributes `site_counts` draws: cycles of fresh permutations of its rows (without
+    replacement within a cycle), then all draws are interleaved by one global permutation.
+    """
+    parts = []
+    for s, count in enumerate(site_counts(sizes, weights, n)):
+        rng = np.random.default_rng([seed, epoch, s])
+        cycles = -(-count // sizes[s]) if count else 0
+        rows = np.concatenate([rng.permutation(sizes[s]) for _ in range(cycles)] or [np.empty(0, np.int64)])
+        parts.append(np.stack([np.full(count, s), rows[:count]], axis=1))
+    order = np.concatenate(parts).astype(np.int64)
+    return order[np.random.default_rng([seed, epoch]).permutation(n)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the readers need: each site's scan ids of the split, the weights and the epoch length."""
+
+    sites: tuple[SiteSpec, ...]
+    scan_ids: tuple[tuple[str, ...], ...]
+    samples_per_epoch: int
+    seed: int
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(ids) for ids in self.scan_ids]
+
+    def order(self, epoch: int) -> np.ndarray:
+        return epoch_order(
+            self.sizes, [s.weight for s in self.sites], self.samples_per_epoch, self.seed, epoch
+        )
+
+    def locate(self, index: np.ndarray) -> np.ndarray:
+        """(len(index), 2) (site, row) of global sample indices."""
+        index = np.asarray(index, np.int64)
+        out = np.empty((len(index), 2), np.int64)
+        epochs = index // self.samples_per_epoch
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._cached_order(int(e))[index[sel] % self.samples_per_epoch]
+        return out
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - plans live as long as the reader that owns them
+    def _cached_order(self, epoch: int) -> np.ndarray:
+        return self.order(epoch)
+
+
+def make_plan(cfg: DataConfig) -> Plan:
+    """Read every site's manifest (driver side) and keep the scan ids of `cfg.split`, sorted."""
+    if not cfg.sites:
+        raise ValueError("no sites: give stores with --stores or a sites file")
+    ids = []
+    for site in cfg.sites:
+        manifest = SiteStore(site.uri, site.storage).manifest()
+        if cfg.split != "all":
+            manifest = manifest[manifest["split"] == cfg.split]
+        ids.append(tuple(sorted(manifest["scan_id"].astype(str))))
+    total = sum(len(i) for i in ids)
+    if total == 0:
+        raise ValueError(f"no scans in split {cfg.split!r} of any site: {[s.uri for s in cfg.sites]}")
+    return Plan(tuple(cfg.sites), tuple(ids), cfg.samples_per_epoch or total, cfg.seed)
+
+
+# -- reading and cutting (inside Ray workers) ------------------------------------------------
+def _decode_single_chunk(meta: dict, blob: bytes) -> np.ndarray | None:
+    """Decode a single-chunk int16 Zarr v3 array from its metadata and chunk bytes, or None when
+    the codec chain is not one this fast path knows (the caller then uses zarr)."""
+    import numcodecs
+
+    shape, chunks = meta.get("shape"), meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+    codecs = meta.get("codecs", [])
+    if meta.get("data_type") != "int16" or shape != chunks or len(codecs) != 2:
+        return None
+    first, second = codecs
+    if first.get("name") != "bytes" or first.get("configuration", {}).get("endian", "little") != "little":
+        return None
+    codec = {"blosc": numcodecs.Blosc, "zstd": numcodecs.Zstd}.get(second.get("name"))
+    if codec is None:
+        return None
+    out = np.empty(shape, "<i2")  # decode straight into a writable array (no copy)
+    codec().decode(blob, out=out)
+    return out
+
+
+class VolumeReader:
+    """`map_batches` actor: {"id": int64} -> {"global", ["local"], "site", "index"}.
+
+    Args:
+        plan: the run's scan ids and epoch length.
+        crops: the views to cut.
+        start: global index of the dataset's first row (resume position).
+        fast_read: one GET for the chunk (plus metadata) instead of zarr's path.
+    """
+
+    def __init__(self, plan: Plan, crops: MultiCropConfig, start: int = 0, fast_read: bool = True) -> None:
+        self.plan, self.start, self.fast_read = plan, start, fast_read
+        self.cut = MultiCrop(crops)
+        self.stores = [SiteStore(s.uri, s.storage) for s in plan.sites]
+
+    def read(self, site: int, scan_id: str) -> np.ndarray:
+        store = self.stores[site]
+        if self.fast_read:
+            base = join(store.root, "volumes", scan_id)
+            meta_path, chunk_path = join(base, "zarr.json"), join(base, "c", "0", "0", "0")
+            blobs = (
+                store.fs.cat([meta_path, chunk_path])
+                if not is_local(store.fs)
+                else {meta_path: store.fs.cat_file(meta_path), chunk_path: store.fs.cat_file(chunk_path)}
+            )
+            volume = _decode_single_chunk(json.loads(blobs[meta_path]), blobs[chunk_path])
+            if volume is not None:
+                return volume
+        return store.read_volume(scan_id)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        index = batch["id"].astype(np.int64) + self.start
+        where = self.plan.locate(index)
+        views = [
+            self.cut(self.read(int(s), self.plan.scan_ids[s][r]), np.random.default_rng([self.plan.seed, i]))
+            for (s, r), i in zip(where, index, strict=True)
+        ]
+        out = {"global": np.stack([v["global"] for v in views]), "site": where[:, 0], "index": index}
+        if self.cut.cfg.n_local:
+            out["local"] = np.stack([v["local"] for v in views])
+        return out
+
+
+def index_dataset(start: int, stop: int, rows_per_block: int, read_tasks: int = 64, num_cpus: float = 0.1):
+    """Lazy dataset of {"id": 0 .. stop - start - 1} (offsets from `start`), `rows_per_block` per block.
+
+    Like `ray.data.range`, but its read tasks reserve only `num_cpus` (ids are free to make; a
+    full CPU per read task starves small clusters whose CPUs are held by training workers and
+    readers) and each task streams many small blocks, so a long run needs few tasks.
+    """
+    import pyarrow as pa
+    import ray.data
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    n = max(0, stop - start)
+
+    def blocks(lo: int, hi: int):
+        for a in range(lo, hi, rows_per_block):
+            yield pa.table({"id": np.arange(a, min(a + rows_per_block, hi), dtype=np.int64)})
+
+    class _Ids(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return 8 * n
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+            per = rows_per_block * max(1, -(-n // (rows_per_block * max(1, read_tasks))))
+            return [ReadTask(functools.partial(blocks, lo, min(lo + per, n)),
+                             BlockMetadata(min(per, n - lo), 8 * min(per, n - lo), None, None))
+                    for lo in range(0, n, per)]
+
+    return ray.data.read_datasource(_Ids(), num_cpus=num_cpus)
+
+
+def _select_sites(batch: dict[str, np.ndarray], plan: Plan, sites: tuple[int, ...], start: int) -> dict:
+    """Keep the rows whose sample belongs to one of `sites` (cheap: ids only)."""
+    keep = np.isin(plan.locate(batch["id"] + start)[:, 0], sites)
+    return {"id": batch["id"][keep]}
+
+
+def build_dataset(cfg: DataConfig, total_samples: int, start: int = 0, plan: Plan | None = None):
+    """The lazy Ray Dataset of samples [start, total_samples) of a run.
+
+    Readers of sites that name a `resource` run only where that resource exists (one pipeline per
+    resource, unioned); otherwise one pipeline serves every site.
+    """
+    plan = plan or make_plan(cfg)
+    groups: dict[str | None, list[int]] = {}
+    for i, site in enumerate(plan.sites):
+        groups.setdefault(site.resource, []).append(i)
+    rows_per_block = max(cfg.volumes_per_task, 1)  # one reader call per block
+    pipelines = []
+    for resource, members in groups.items():
+        ds = index_dataset(start, total_samples, rows_per_block)
+        if len(groups) > 1:
+            ds = ds.map_batches(
+                _select_sites,
+                fn_kwargs={"plan": plan, "sites": tuple(members), "start": start},
+                batch_format="numpy",
+                num_cpus=0.1,
+            )
+        pipelines.append(
+            ds.map_batches(
+                VolumeReader,
+                fn_constructor_kwargs={
+                    "plan": plan,
+                    "crops": cfg.crops,
+                    "start": start,
+                    "fast_read": cfg.fast_read,
+                },
+                batch_size=cfg.volumes_per_task,
+                batch_format="numpy",
+                concurrency=(cfg.readers, cfg.max_readers) if cfg.max_readers else cfg.readers,
+                num_cpus=cfg.cpus_per_reader,
+                resources={resource: 0.001} if resource else None,
+            )
+        )
+    return pipelines[0] if len(pipelines) == 1 else pipelines[0].union(*pipelines[1:])
+
+
+class DatasetFactory:
+    """A picklable `() -> Dataset` for `TorchTrainer(datasets=...)`.
+
+    Ray Train calls it every time it (re)starts the worker group, so a group restarted after a
+    failure streams from the data position of the checkpoint it resumes from (`resume_position`),
+    not from the start of the run.
+    """
+
+    def __init__(self, cfg: DataConfig, total_samples: int, resume_position=None, plan: Plan | None = None):
+        self.cfg, self.total, self.resume_position = cfg, total_samples, resume_position
+        self.plan = plan or make_plan(cfg)
+
+    def __call__(self):
+        start = int(self.resume_position()) if self.resume_position else 0
+        return build_dataset(self.cfg, self.total, start=start, plan=self.plan)
+
+
+# -- synthetic stores for tests and benchmarks -----------------------------------------------
+def synthetic_volume(rng: np.random.Generator, size: int = 224) -> np.ndarray:
+    """A CT-like int16 volume: air at -1024 around an ellipsoidal 'head' (skull shell, brain)."""
+    g = (np.arange(size, dtype=np.float32) - size / 2) / (size / 2)
+    radii = rng.uniform(0.6, 0.8, 3).astype(np.float32)
+    r = np.sqrt((g[:, None, None] / radii[0]) ** 2 + (g[None, :, None] / radii[1]) ** 2
+                + (g[None, None, :] / radii[2]) ** 2)
+    vol = np.full((size,) * 3, -1024, np.int16)
+    vol[r < 1.0] = 1000
+    brain = r < 0.9
+    vol[brain] = (30 + 10 * rng.standard_normal(int(brain.sum()))).astype(np.int16)
+    return vol
+
+
+def write_synthetic_store(uri: str, n: int, site: str = "synthetic", storage: StorageConfig | None = None,
+                          splits: tuple[str, ...] = ("train",), seed: int = 0) -> list[str]:
+    """Write `n` synthetic 224^3 volumes (scan ids `<site>-0000`...) with a manifest; returns ids."""
+    from fmct_ray.ingest.store import StoreConfig, checksum
+
+    store, rng = SiteStore(uri, storage), np.random.default_rng(seed)
+    store.init(site)
+    ids = []
+    for i in range(n):
+        scan_id, vol = f"{site}-{i:04d}", synthetic_volume(rng)
+        store.write_volume(scan_id, vol, np.eye(4), StoreConfig(verify_writes=False))
+        store.commit({"scan_id": scan_id, "patient_id": f"p{i:04d}", "site": site,
+                      "split": splits[i % len(splits)], "stored_shape": list(vol.shape),
+                      "checksum": checksum(vol)})
+        ids.append(scan_id)
+    store.consolidate()
+    return ids

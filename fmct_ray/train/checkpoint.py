@@ -1,0 +1,98 @@
+"""Pretraining checkpoints: what is saved, how it is restored, and where a resumed run's data starts.
+
+A checkpoint is one folder that every rank reports through `ray.train.report(..., checkpoint=...)`
+(Ray merges the ranks' files into one folder in the run's storage):
+
+    task.pt            task state dict (student, EMA teacher, DINO/iBOT centres); rank 0
+    optimizer.pt       AdamW state; rank 0
+    state.json         step, epoch, samples consumed (the data position), run length; rank 0
+    config.yaml        the resolved PretrainConfig; rank 0
+    metrics.csv        every metrics row of the run so far; rank 0
+    rng_rank<r>.pt     torch / numpy / python RNG states of rank r; every rank
+    teacher_backbone.pt  exported backbone (final checkpoint only; `fmct_ray.models.load_backbone`)
+
+Schedules are pure functions of the step, so the step *is* the schedulers' state.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmct_ray import config as config_lib
+from fmct_ray.storage import StorageConfig, filesystem, join
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def task_state(task: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The task's state dict with DDP's `module.` infix removed (keys as in an unwrapped task)."""
+    return {k.replace(".module.", ".", 1) if ".module." in k else k: v.detach().cpu()
+            for k, v in task.state_dict().items()}
+
+
+def save(directory: str | Path, rank: int, *, task=None, optimizer=None, state: dict | None = None,
+         cfg=None, metrics_csv: str | None = None) -> Path:
+    """Write this rank's part of a checkpoint into `directory` (rank 0 writes the shared parts)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), d / f"rng_rank{rank}.pt")
+    if rank == 0:
+        torch.save(task_state(task), d / "task.pt")
+        torch.save(optimizer.state_dict(), d / "optimizer.pt")
+        (d / "state.json").write_text(json.dumps(state, indent=1))
+        config_lib.save(cfg, d / "config.yaml")
+        if metrics_csv is not None and Path(metrics_csv).exists():
+            (d / "metrics.csv").write_bytes(Path(metrics_csv).read_bytes())
+    return d
+
+
+def load(directory: str | Path, rank: int, task, optimizer) -> dict:
+    """Restore task, optimiser and this rank's RNG states; returns state.json."""
+    d = Path(directory)
+    task.load_state_dict(torch.load(d / "task.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True))
+    rng_file = d / f"rng_rank{rank}.pt"
+    if rng_file.exists():  # a resized (elastic) group has ranks the old one did not
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((d / "state.json").read_text())
+
+
+class ResumePosition:
+    """`() -> int`: samples consumed at the run's latest registered checkpoint (0 when none).
+
+    Reads Ray Train's checkpoint-manager snapshot in the run folder (written before a worker
+    group restarts), whose latest result carries the `samples` metric every checkpoint reports.
+    Called by the dataset factory each time the worker group (re)starts.
+    """
+
+    def __init__(self, storage_path: str, name: str, storage: StorageConfig | None = None) -> None:
+        self.uri, self.storage = join(storage_path.rstrip("/"), name), storage
+
+    def __call__(self) -> int:
+        fs, root = filesystem(self.uri, self.storage)
+        path = join(root, SNAPSHOT)
+        if not fs.exists(path):
+            return 0
+        latest = json.loads(fs.cat_file(path)).get("latest_checkpoint_result") or {}
+        return int(latest.get("metrics", {}).get("samples", 0))

@@ -1,0 +1,58 @@
+"""Command line of the pretraining jobs: recipe + cluster shape + stores + storage -> `pretrain`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import yaml
+
+from fmct_ray import config as config_lib
+from fmct_ray.cli import load_config, parser
+from fmct_ray.data.source import SiteSpec
+from fmct_ray.storage import StorageConfig
+from fmct_ray.train.pretrain import PretrainConfig
+from fmct_ray.train.trainer import LaunchConfig, pretrain
+
+
+def job_parser(doc: str) -> argparse.ArgumentParser:
+    p = parser(doc)
+    p.add_argument("--stores", nargs="*", default=[], metavar="[NAME=]URI",
+                   help="site stores (local folders or s3:// URIs); credentials from the environment")
+    p.add_argument("--sites", help="YAML list of sites: name, uri, storage, weight, resource")
+    p.add_argument("--num-workers", type=int, default=1, help="training workers (min when elastic)")
+    p.add_argument("--max-workers", type=int, help="elastic upper bound on training workers")
+    p.add_argument("--gpu", "--use-gpu", dest="use_gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--storage", required=True, help="checkpoint storage: local folder or s3://bucket/prefix")
+    p.add_argument("--name", required=True, help="run name; re-submitting the same name resumes")
+    p.add_argument("--max-failures", type=int, default=3)
+    return p
+
+
+def sites_from_args(args: argparse.Namespace) -> tuple[SiteSpec, ...]:
+    sites = []
+    for i, item in enumerate(args.stores):
+        name, sep, uri = item.partition("=")
+        sites.append(SiteSpec(name=name if sep else f"site{i}", uri=uri if sep else item))
+    if args.sites:
+        with open(args.sites) as f:
+            sites += [config_lib.build(SiteSpec, s, "sites.") for s in yaml.safe_load(f)]
+    return tuple(sites)
+
+
+def run_job(objective: str, doc: str) -> None:
+    args = job_parser(doc).parse_args()
+    cfg = load_config(PretrainConfig, args)
+    if cfg.objective != objective:
+        raise SystemExit(f"recipe objective is {cfg.objective!r}; this job trains {objective!r}")
+    sites = sites_from_args(args) or cfg.data.sites
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sites=sites))
+    launch = LaunchConfig(name=args.name, storage_path=args.storage, num_workers=args.num_workers,
+                          max_workers=args.max_workers, use_gpu=args.use_gpu,
+                          cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
+                          storage=StorageConfig())
+    result = pretrain(cfg, launch)
+    print("final checkpoint:", result.checkpoint and result.checkpoint.path)
+    if result.error:
+        raise SystemExit(f"training failed: {result.error}")

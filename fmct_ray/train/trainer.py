@@ -1,0 +1,89 @@
+"""Build and run the Ray Train `TorchTrainer` of a pretraining run (driver side).
+
+The driver reads the site manifests (ids only), fixes the run length for the launch's world size,
+resolves epoch-valued settings into steps, and hands Ray Train a dataset *factory*: Ray calls it
+each time it (re)starts the worker group, and it streams from the data position of the checkpoint
+the group resumes from. Re-submitting with the same run name and storage path resumes the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fmct_ray.data.source import DatasetFactory, make_plan
+from fmct_ray.storage import StorageConfig, is_remote, storage_options
+from fmct_ray.train.checkpoint import ResumePosition
+from fmct_ray.train.pretrain import PretrainConfig, resolve, run_length, train_loop_per_worker
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How to run (from the command line, not the recipe).
+
+    Args:
+        name: run name; the same name and storage path resume the run.
+        storage_path: local folder or s3://bucket/prefix for checkpoints.
+        num_workers: training workers (the minimum when `max_workers` is set).
+        max_workers: elastic upper bound (None: fixed `num_workers`).
+        use_gpu: one GPU per worker.
+        cpus_per_worker: CPUs reserved per training worker.
+        max_failures: worker-group restarts after failures (-1: unlimited).
+        storage: credentials reference of the checkpoint storage.
+    """
+
+    name: str
+    storage_path: str
+    num_workers: int = 1
+    max_workers: int | None = None
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+def storage_filesystem(storage_path: str, storage: StorageConfig | None = None):
+    """(path, pyarrow filesystem or None) for RunConfig. s3 goes through s3fs wrapped for pyarrow:
+    pyarrow's own S3FileSystem fails CompleteMultipartUpload against moto (RAY_ZARR_NOTES)."""
+    if not is_remote(storage_path):
+        return storage_path.removeprefix("file://"), None
+    import pyarrow.fs
+    import s3fs
+
+    handler = pyarrow.fs.FSSpecHandler(s3fs.S3FileSystem(**storage_options(storage)))
+    return storage_path.split("://", 1)[1], pyarrow.fs.PyFileSystem(handler)
+
+
+def build_trainer(cfg: PretrainConfig, launch: LaunchConfig):
+    import ray.train
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    DataContext.get_current().enable_progress_bars = False  # propagated to workers; keeps logs readable
+    plan = make_plan(cfg.data)
+    world = launch.max_workers or launch.num_workers
+    length = run_length(cfg, plan.samples_per_epoch, world)
+    resolved = resolve(cfg, length)
+    factory = DatasetFactory(cfg.data, length.total_samples,
+                             ResumePosition(launch.storage_path, launch.name, launch.storage), plan=plan)
+    path, fs = storage_filesystem(launch.storage_path, launch.storage)
+    workers = (launch.num_workers, launch.max_workers) if launch.max_workers else launch.num_workers
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": resolved, "length": length},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=launch.use_gpu,
+                                               resources_per_worker={"CPU": launch.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=launch.name, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        ),
+        datasets={"train": factory},
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"],
+            execution_options=ExecutionOptions(preserve_order=cfg.data.preserve_order)),
+    )
+
+
+def pretrain(cfg: PretrainConfig, launch: LaunchConfig):
+    """Run (or resume) a pretraining run; returns Ray Train's `Result`."""
+    return build_trainer(cfg, launch).fit()

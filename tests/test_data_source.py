@@ -1,0 +1,125 @@
+"""The Ray Data source: epoch orders (unit), single-GET reads, worker-independent crops, and the
+streaming dataset under a 2-CPU Ray (module-scoped)."""
+
+import numpy as np
+import pytest
+
+from fmct_ray.data.crops import MultiCropConfig
+from fmct_ray.data.source import (
+    DataConfig,
+    SiteSpec,
+    VolumeReader,
+    build_dataset,
+    epoch_order,
+    make_plan,
+    site_counts,
+    write_synthetic_store,
+)
+from fmct_ray.ingest.store import SiteStore
+from fmct_ray.storage import StorageConfig
+
+CROPS = MultiCropConfig(global_size=16, n_local=2, local_box=(32, 64), local_size=8)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    a = write_synthetic_store(str(root / "A"), 6, site="A", splits=("train", "train", "val"))
+    b = write_synthetic_store(str(root / "B"), 2, site="B", seed=1)
+    return root, a, b
+
+
+def test_equal_weights_give_every_scan_once_per_epoch():
+    order = epoch_order([5, 3], [1.0, 1.0], 8, seed=3, epoch=0)
+    assert sorted(map(tuple, order)) == [(0, i) for i in range(5)] + [(1, i) for i in range(3)]
+
+
+def test_order_is_reproducible_and_fresh_every_epoch():
+    a = epoch_order([50], [1.0], 50, seed=1, epoch=0)
+    assert np.array_equal(a, epoch_order([50], [1.0], 50, seed=1, epoch=0))
+    assert not np.array_equal(a, epoch_order([50], [1.0], 50, seed=1, epoch=1))
+    assert not np.array_equal(a, epoch_order([50], [1.0], 50, seed=2, epoch=0))
+
+
+def test_site_weights_set_each_sites_share():
+    assert site_counts([10, 10], [3.0, 1.0], 40).tolist() == [30, 10]
+    order = epoch_order([10, 10], [3.0, 1.0], 40, seed=0, epoch=0)
+    site0 = order[order[:, 0] == 0, 1]
+    assert len(site0) == 30 and np.bincount(site0).min() == 3  # cycles without replacement
+    with pytest.raises(ValueError):
+        site_counts([0, 0], [1.0, 1.0], 4)
+
+
+def test_plan_selects_the_split(stores):
+    root, a, b = stores
+    sites = (SiteSpec("A", str(root / "A")), SiteSpec("B", str(root / "B")))
+    plan = make_plan(DataConfig(sites=sites, split="val"))
+    assert plan.scan_ids == (tuple(sorted(a[2::3])), ()) and plan.samples_per_epoch == 2
+    assert set(plan.order(0)[:, 0]) == {0}  # a site without scans of the split is never drawn
+    assert make_plan(DataConfig(sites=sites)).samples_per_epoch == 4 + 2
+
+
+def _reader(root, fast=True, start=0):
+    plan = make_plan(DataConfig(sites=(SiteSpec("A", str(root / "A")),)))
+    return VolumeReader(plan, CROPS, start=start, fast_read=fast)
+
+
+def test_fast_read_matches_zarr(stores):
+    root, a, _ = stores
+    assert np.array_equal(_reader(root).read(0, a[1]), SiteStore(str(root / "A")).read_volume(a[1]))
+
+
+def test_crops_depend_on_the_sample_not_on_the_batch(stores):
+    root, _, _ = stores
+    whole = _reader(root)({"id": np.arange(4)})
+    alone = _reader(root, fast=False, start=2)({"id": np.array([0])})
+    assert whole["global"].dtype == np.int16 and whole["global"].shape == (4, 2, 16, 16, 16)
+    assert whole["local"].shape == (4, 2, 8, 8, 8)
+    assert alone["index"].tolist() == [2]
+    assert np.array_equal(whole["global"][2], alone["global"][0])
+    assert np.array_equal(whole["local"][2], alone["local"][0])
+    assert not np.array_equal(whole["global"][0], whole["global"][1])
+    assert not {k for k, v in whole.items() if v.dtype.kind not in "iu"}  # no string columns
+
+
+def test_fast_read_from_s3(s3, stores):
+    root, _, _ = stores
+    s3.filesystem().mkdir("bucket")
+    ids = write_synthetic_store(
+        "s3://bucket/siteS", 1, site="S", storage=StorageConfig(endpoint_url=s3.endpoint)
+    )
+    site = SiteSpec("S", "s3://bucket/siteS", StorageConfig(endpoint_url=s3.endpoint))
+    plan = make_plan(DataConfig(sites=(site,)))
+    reader = VolumeReader(plan, CROPS)
+    assert np.array_equal(reader.read(0, ids[0]), SiteStore("s3://bucket/siteS").read_volume(ids[0]))
+
+
+@pytest.fixture(scope="module")
+def ray2():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_streaming_dataset_over_two_sites(ray2, stores):
+    root, _, _ = stores
+    cfg = DataConfig(
+        sites=(SiteSpec("A", str(root / "A")), SiteSpec("B", str(root / "B"))),
+        crops=CROPS,
+        readers=1,
+        cpus_per_reader=0.5,
+        volumes_per_task=1,
+        samples_per_epoch=6,
+    )
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True
+    ds = build_dataset(cfg, total_samples=15, start=3)
+    batches = list(ds.iter_torch_batches(batch_size=4, drop_last=False))
+    index = np.concatenate([b["index"].numpy() for b in batches])
+    assert index.tolist() == list(range(3, 15))
+    sites = np.concatenate([b["site"].numpy() for b in batches])
+    plan = make_plan(cfg)
+    assert sites.tolist() == plan.locate(index)[:, 0].tolist()
+    assert batches[0]["global"].dtype.is_floating_point is False
