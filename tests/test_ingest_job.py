@@ -258,3 +258,26 @@ def test_ingest_through_ray_job_submit(tmp_path):
     check_store(str(store), 3)
     saved = next((store / "runs").iterdir()) / "config.yaml"
     assert config_lib.load(IngestConfig, saved).store.codec == "blosc-zstd"
+
+
+def test_series_are_grouped_by_uid_not_by_folder(tmp_path, ray_local, site_secret):
+    """Two series interleaved in one folder, one of them spread over two folders -> two scans."""
+    from synthetic import synthetic_head as phantom
+    from synthetic import write_dicom_series
+
+    rng = np.random.default_rng(0)
+    shared, other = tmp_path / "raw" / "shared_folder", tmp_path / "raw" / "elsewhere"
+    a = write_dicom_series(shared, phantom((64, 64, 24), (1.0, 1.0, 2.0), rng), (1.0, 1.0, 2.0),
+                           patient_id="PAT-A", series_uid="1.2.826.0.1.3680043.2.1125.1")
+    write_dicom_series(tmp_path / "b_tmp", phantom((64, 64, 20), (1.0, 1.0, 2.0), rng), (1.0, 1.0, 2.0),
+                       patient_id="PAT-B", series_uid="1.2.826.0.1.3680043.2.1125.2")
+    for path in (tmp_path / "b_tmp").iterdir():  # series B joins series A's folder, with new names
+        path.rename(shared / f"b_{path.name}")
+    other.mkdir(parents=True)
+    for path in a[::2]:  # half of series A moves to another folder
+        path.rename(other / path.name)
+    summary = run_ingest("grouping", str(tmp_path / "raw"), str(tmp_path / "store"), IngestConfig())
+    assert (summary["scans_found"], summary["written"], summary["quarantined"]) == (2, 2, 0), summary
+    manifest = check_store(str(tmp_path / "store"), 2)
+    assert sorted(int(s[2]) for s in manifest["orig_shape"]) == [20, 24]
+    assert manifest["patient_id"].nunique() == 2
