@@ -74,21 +74,27 @@ def main() -> None:
         start = time.process_time()
         volume, affine = ingest_once(files, store, StoreConfig())
         cpu.append(time.process_time() - start)
-    print(f"1. ingest CPU s per scan (1 thread): median {statistics.median(cpu):.2f} "
-          f"-> {1 / statistics.median(cpu):.2f} scans/s per core")
+    print(
+        f"1. ingest CPU s per scan (1 thread): median {statistics.median(cpu):.2f} "
+        f"-> {1 / statistics.median(cpu):.2f} scans/s per core"
+    )
 
     nii = tmp / "volume.nii.gz"
     nib.save(nib.Nifti1Image(volume, affine), nii)
     nii_bytes = nii.stat().st_size
-    print(f"2. same stored volume as .nii.gz (nibabel default gzip): {nii_bytes / 1e6:.2f} MB; raw int16 "
-          f"{volume.nbytes / 1e6:.1f} MB")
+    print(
+        f"2. same stored volume as .nii.gz (nibabel default gzip): {nii_bytes / 1e6:.2f} MB; raw int16 "
+        f"{volume.nbytes / 1e6:.1f} MB"
+    )
     for codec in ("blosc-lz4", "blosc-zstd", "zstd"):
         st = SiteStore(str(tmp / f"store_{codec}"))
         st.write_volume("bench", volume, affine, StoreConfig(codec=codec))
         size = folder_bytes(tmp / f"store_{codec}" / "volumes" / "bench")
         dec = timed_reads(lambda st=st: st.read_volume("bench"), 5)
-        print(f"   {codec:10s}: {size / 1e6:.2f} MB/scan = {size / nii_bytes:.2f}x the .nii.gz, "
-              f"compression {volume.nbytes / size:.1f}x, local read+decode {dec * 1e3:.1f} ms")
+        print(
+            f"   {codec:10s}: {size / 1e6:.2f} MB/scan = {size / nii_bytes:.2f}x the .nii.gz, "
+            f"compression {volume.nbytes / size:.1f}x, local read+decode {dec * 1e3:.1f} ms"
+        )
 
     local_uri = str(tmp / "store_blosc-lz4")
     with S3Server() as s3:
@@ -100,10 +106,13 @@ def main() -> None:
         for name, uri in (("local", local_uri), ("S3 (moto, loopback)", "s3://bench/store")):
             ours = timed_reads(lambda uri=uri: load_volume(uri, "bench"), args.reads)
             st = SiteStore(uri)
-            plain = timed_reads(lambda st=st: zarr.open_array(st._zarr_store(True), path="volumes/bench")[...],
-                                args.reads)
-            print(f"   {name:20s} load_volume {ours * 1e3:6.1f} ms; plain zarr open+read {plain * 1e3:6.1f} ms "
-                  f"({plain / ours:.2f}x)")
+            plain = timed_reads(
+                lambda st=st: zarr.open_array(st._zarr_store(True), path="volumes/bench")[...], args.reads
+            )
+            print(
+                f"   {name:20s} load_volume {ours * 1e3:6.1f} ms; plain zarr open+read {plain * 1e3:6.1f} ms "
+                f"({plain / ours:.2f}x)"
+            )
     print(f"(scratch folder {tmp})")
 
 

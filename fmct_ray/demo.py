@@ -4,6 +4,12 @@ Stages (each can run alone with `--stages`):
   ingest   real scans from ../shared/data/real plus generated head-like volumes with planted
            findings -> two local site stores (site_a: real + synthetic, site_b: synthetic)
   inspect  manifests, quarantine tables, and a picture of a stored real volume
+  pretrain short DINO pretraining of a tiny 3D ViT with Ray Train (2 CPU workers), streaming
+           both site stores; exports the teacher backbone
+  probe    labels of the planted findings, embeddings of every scan with the pretrained backbone
+           (Ray Data), then a Ray Tune sweep: linear and attentive probes against scratch models
+  report   AUROC [CI], AP, p-values vs scratch, few-shot curves, external-validation matrix,
+           attention-distance map, all in one folder
 """
 
 from __future__ import annotations
@@ -12,31 +18,56 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from fmct_ray import config as config_lib
+from fmct_ray.eval.labels import LabelConfig, make_labels
 from fmct_ray.ingest import SiteStore
 from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
 from fmct_ray.synthetic import write_site
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
-SITES = {"site_a": 10, "site_b": 10}  # synthetic scans per site
+SITES = {"site_a": 40, "site_b": 40}  # synthetic scans per site
 
 
 def stage_ingest(out: Path) -> None:
     os.environ.setdefault("FMCT_SITE_SECRET", "demo-secret-not-for-real-sites")
-    cfg = config_lib.load(IngestConfig, ROOT / "configs/ingest/default.yaml", ["patient_id_pattern=([^/]+)/[^/]+$"])
+    # a 2:1:1 split so that each small demo site has enough held-out scans (the default is 8:1:1)
+    overrides = ["patient_id_pattern=([^/]+)/[^/]+$", "split_fractions=[0.5, 0.25, 0.25]"]
+    cfg = config_lib.load(IngestConfig, ROOT / "configs/ingest/default.yaml", overrides)
+    label_rows = []
     for seed, (site, n) in enumerate(SITES.items()):
         raw = out / "raw" / site
         if not raw.exists():
-            write_site(raw / "synthetic", n=n, seed=100 + seed)
+            rows = write_site(raw / "synthetic", n=n, seed=100 + seed)
+            pd.DataFrame([{**r, "file": f"synthetic/{r['file']}"} for r in rows]).to_csv(
+                out / "raw" / f"{site}_labels.csv", index=False
+            )
             if site == "site_a" and REAL.exists():  # link, never copy, the real scans
                 (raw / "real").mkdir(parents=True)
                 (raw / "real" / "invesalius_0051").symlink_to(REAL / "invesalius_0051_dicom")
-                (raw / "real" / "template.nii.gz").symlink_to(REAL / "ichseg_template_1mm_hu_skullstripped.nii.gz")
+                (raw / "real" / "template.nii.gz").symlink_to(
+                    REAL / "ichseg_template_1mm_hu_skullstripped.nii.gz"
+                )
         print(f"\n== ingest {site} from {raw}")
         summary = run_ingest(site, str(raw), str(out / "stores" / site), cfg)
         print(f"== {site}: {summary}")
+        label_rows.append(pd.read_csv(out / "raw" / f"{site}_labels.csv"))
+    manifest = pd.concat([SiteStore(str(out / "stores" / site)).manifest() for site in SITES])
+    labels, report = make_labels(
+        config_lib.load(LabelConfig, ROOT / "configs/labels/synthetic.yaml"),
+        manifest,
+        out / "labels",
+        public=_write_csv(pd.concat(label_rows), out),
+    )
+    print(f"== labels: {len(labels)} scans\n{report.to_string(index=False)}")
+
+
+def _write_csv(frame: pd.DataFrame, out: Path) -> Path:
+    path = out / "raw" / "labels_all_sites.csv"
+    frame.to_csv(path, index=False)
+    return path
 
 
 def stage_inspect(out: Path) -> None:
@@ -50,8 +81,11 @@ def stage_inspect(out: Path) -> None:
         store = SiteStore(str(out / "stores" / site))
         manifest, quarantine = store.manifest(), store.quarantine()
         print(f"\n== {site}: {len(manifest)} scans; split {manifest['split'].value_counts().to_dict()}")
-        print(manifest[["scan_id", "split", "source_format", "orig_orientation", "slice_thickness", "kvp"]]
-              .to_string(index=False))
+        print(
+            manifest[
+                ["scan_id", "split", "source_format", "orig_orientation", "slice_thickness", "kvp"]
+            ].to_string(index=False)
+        )
         print(f"quarantined: {len(quarantine)}")
         for row in quarantine.itertuples():
             print(f"  {row.path}: {row.reason}")
@@ -64,14 +98,102 @@ def stage_inspect(out: Path) -> None:
             ax.imshow(np.clip((plane + 40) / 160, 0, 1), cmap="gray", origin="lower")
             ax.set_title(name)
             ax.axis("off")
-        fig.suptitle(f"{site} {row.source_format} scan {row.scan_id[:8]}: stored 224^3 int16 RAS, window 40/160")
+        fig.suptitle(
+            f"{site} {row.source_format} scan {row.scan_id[:8]}: stored 224^3 int16 RAS, window 40/160"
+        )
         path = out / "figures" / f"{site}_stored_volume.png"
         fig.savefig(path, dpi=80, bbox_inches="tight")
         plt.close(fig)
         print(f"picture of {row.scan_id}: {path}")
 
 
-STAGES = {"ingest": stage_ingest, "inspect": stage_inspect}
+def stage_pretrain(out: Path) -> Path:
+    """Tiny DINO on both sites; returns the exported teacher backbone."""
+    import dataclasses
+
+    from fmct_ray.data.source import SiteSpec
+    from fmct_ray.train.pretrain import PretrainConfig
+    from fmct_ray.train.trainer import LaunchConfig, pretrain
+
+    cfg = config_lib.load(PretrainConfig, ROOT / "configs/pretrain/debug_dino_tiny.yaml", ["train.epochs=3"])
+    sites = tuple(SiteSpec(name=site, uri=str(out / "stores" / site)) for site in SITES)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sites=sites))
+    # 2 workers x 0.5 CPU leave the 2-CPU demo cluster room for the Ray Data reader
+    launch = LaunchConfig(
+        name="demo-dino", storage_path=str(out / "runs"), num_workers=2, cpus_per_worker=0.5
+    )
+    result = pretrain(cfg, launch)
+    if result.error:
+        raise SystemExit(f"pretraining failed: {result.error}")
+    backbone = Path(result.checkpoint.path) / "teacher_backbone.pt"
+    print(f"== pretrained: metrics {backbone.parent / 'metrics.csv'}; backbone {backbone}")
+    return backbone
+
+
+def _backbone(out: Path) -> Path:
+    runs = sorted((out / "runs" / "demo-dino").glob("checkpoint_*/teacher_backbone.pt"))
+    if not runs:
+        raise SystemExit(f"no pretrained backbone under {out / 'runs'}: run the pretrain stage first")
+    return runs[-1]
+
+
+def _launch(out: Path):
+    from fmct_ray.train.tune import SweepLaunch
+
+    return SweepLaunch(
+        name="demo-study",
+        storage_path=str(out / "runs"),
+        labels=str(out / "labels" / "labels.parquet"),
+        embeddings=str(out / "embeddings.parquet"),
+        stores={site: str(out / "stores" / site) for site in SITES},
+        cpus_per_trial=0.5,
+    )
+
+
+def stage_probe(out: Path) -> None:
+    from fmct_ray.data.embed import EmbedConfig, extract_embeddings
+    from fmct_ray.train.finetune import FinetuneConfig
+    from fmct_ray.train.tune import run_finetune_sweep, run_scratch_sweep
+
+    launch = _launch(out)
+    ecfg = config_lib.load(
+        EmbedConfig,
+        None,
+        [f"backbone.path={_backbone(out)}", "view.size=32", "tokens=true", "actors=2", "cpus_per_actor=0.5"],
+    )
+    n = extract_embeddings(ecfg, launch.stores, launch.embeddings)
+    print(f"== embeddings of {n} scans: {launch.embeddings}")
+    recipe = ROOT / "configs/finetune/debug_tiny.yaml"
+    probes = run_finetune_sweep(config_lib.load(FinetuneConfig, recipe, ["sweep.shots=[0, 4]"]), launch)
+    scratch = run_scratch_sweep(config_lib.load(FinetuneConfig, recipe, ["sweep.scratch_epochs=[2]"]), launch)
+    print(f"== sweep: {len(probes)} probe runs, {len(scratch)} scratch runs in {launch.experiment_uri}")
+
+
+def stage_report(out: Path) -> None:
+    from fmct_ray.eval.report import ReportConfig, attention_input, write_report
+    from fmct_ray.train.finetune import FinetuneConfig
+
+    launch = _launch(out)
+    view = config_lib.load(FinetuneConfig, ROOT / "configs/finetune/debug_tiny.yaml").view
+    manifest = SiteStore(launch.stores["site_a"]).manifest()
+    first = manifest.loc[manifest["source_format"] == "nifti", "scan_id"].iloc[0]  # a synthetic scan
+    written = write_report(
+        launch.experiment_uri,
+        out / "report",
+        ReportConfig(1000, 1000),
+        attention=attention_input(str(_backbone(out)), launch.stores["site_a"], first, view),
+    )
+    print("\n" + written["results_md"].read_text())
+    print(f"== report: {out / 'report'}")
+
+
+STAGES = {
+    "ingest": stage_ingest,
+    "inspect": stage_inspect,
+    "pretrain": stage_pretrain,
+    "probe": stage_probe,
+    "report": stage_report,
+}
 
 
 def run(out: Path, stages: list[str]) -> Path:

@@ -72,12 +72,10 @@ def filesystem(
     if not is_remote(uri):
         return fsspec.filesystem("file"), os.path.abspath(uri.removeprefix("file://"))
     protocol, path = uri.split("://", 1)
-    if options is not None:
-        opts = options
-    else:
-        opts = storage_options(cfg) if protocol in ("s3", "s3a") else {}
+    if options is None:
+        options = storage_options(cfg) if protocol in ("s3", "s3a") else {}
     # One instance per (protocol, options) is cached by fsspec; fine inside long-lived workers.
-    return fsspec.filesystem(protocol, **opts), path.rstrip("/")
+    return fsspec.filesystem(protocol, **options), path.rstrip("/")
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -124,9 +124,16 @@ class RayCluster:
             f"--temp-dir={self.tmp}",
             "--disable-usage-stats",
             # fixed default ports would clash with any other Ray on the machine (tests, demo)
-            *(f"--{name}={free_port()}" for name in (
-                "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                "metrics-export-port", "ray-client-server-port")),
+            *(
+                f"--{name}={free_port()}"
+                for name in (
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                    "ray-client-server-port",
+                )
+            ),
         ]
         if self.resources:
             args.append(f"--resources={self.resources}")

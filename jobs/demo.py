@@ -1,6 +1,6 @@
 """The README's main command: the whole pipeline end to end on a local CPU Ray cluster.
 
-    python jobs/demo.py [--out demo_out] [--stages ingest,inspect]
+python jobs/demo.py [--out demo_out] [--stages ingest,inspect]
 """
 
 import argparse
@@ -17,6 +17,7 @@ def main() -> None:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {list(STAGES)}")
     args = p.parse_args()
     os.environ.update(LOOPBACK_RAY_ENV)  # the demo's local cluster stays on 127.0.0.1
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # summaries are printed instead
     run(Path(args.out), [s for s in args.stages.split(",") if s])
 
 

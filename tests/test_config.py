@@ -5,13 +5,22 @@ from typing import Literal
 import pytest
 
 from fmct_ray import config as C
+from fmct_ray.eval.labels import LabelConfig
 from fmct_ray.ingest.pipeline import IngestConfig
+from fmct_ray.sites import SitesConfig
+from fmct_ray.train.finetune import FinetuneConfig
 from fmct_ray.train.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Root config class of each folder under configs/: every YAML there must load and validate.
-CONFIG_KINDS = {"ingest": IngestConfig, "pretrain": PretrainConfig}
+CONFIG_KINDS = {
+    "ingest": IngestConfig,
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "labels": LabelConfig,
+    "sites": SitesConfig,
+}
 
 
 @dataclass(frozen=True)

@@ -236,7 +236,9 @@ def test_ingest_from_and_to_s3(tmp_path, s3, ray_local, site_secret, real_data):
         IngestConfig, None, [f"{side}.{k}" for side in ("input_storage", "output_storage") for k in keys]
     )
     summary = run_ingest("s3site", "s3://raw-site/in", "s3://stores/s3site", cfg)
-    assert (summary["written"], summary["quarantined"]) == (3, 0), SiteStore("s3://stores/s3site").quarantine()
+    assert (summary["written"], summary["quarantined"]) == (3, 0), SiteStore(
+        "s3://stores/s3site"
+    ).quarantine()
     manifest = check_store("s3://stores/s3site", 3)
     assert sorted(manifest["source_format"]) == ["dicom", "nifti", "nifti"]
     assert fs.exists("stores/s3site/manifest.parquet") and fs.exists("stores/s3site/quarantine.parquet")
@@ -250,9 +252,20 @@ def test_ingest_through_ray_job_submit(tmp_path):
     write_site(raw, n=3, seed=21)
     store = tmp_path / "store"
     with RayCluster(num_cpus=2) as cluster:
-        out = cluster.submit("python", "jobs/ingest.py", "--site", "remote", "--input", str(raw),
-                             "--output", str(store), "--set", "store.codec=blosc-zstd",
-                             working_dir=str(ROOT), env={"FMCT_SITE_SECRET": "cluster-secret"})
+        out = cluster.submit(
+            "python",
+            "jobs/ingest.py",
+            "--site",
+            "remote",
+            "--input",
+            str(raw),
+            "--output",
+            str(store),
+            "--set",
+            "store.codec=blosc-zstd",
+            working_dir=str(ROOT),
+            env={"FMCT_SITE_SECRET": "cluster-secret"},
+        )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert '"written": 3' in out.stdout
     check_store(str(store), 3)
@@ -267,10 +280,20 @@ def test_series_are_grouped_by_uid_not_by_folder(tmp_path, ray_local, site_secre
 
     rng = np.random.default_rng(0)
     shared, other = tmp_path / "raw" / "shared_folder", tmp_path / "raw" / "elsewhere"
-    a = write_dicom_series(shared, phantom((64, 64, 24), (1.0, 1.0, 2.0), rng), (1.0, 1.0, 2.0),
-                           patient_id="PAT-A", series_uid="1.2.826.0.1.3680043.2.1125.1")
-    write_dicom_series(tmp_path / "b_tmp", phantom((64, 64, 20), (1.0, 1.0, 2.0), rng), (1.0, 1.0, 2.0),
-                       patient_id="PAT-B", series_uid="1.2.826.0.1.3680043.2.1125.2")
+    a = write_dicom_series(
+        shared,
+        phantom((64, 64, 24), (1.0, 1.0, 2.0), rng),
+        (1.0, 1.0, 2.0),
+        patient_id="PAT-A",
+        series_uid="1.2.826.0.1.3680043.2.1125.1",
+    )
+    write_dicom_series(
+        tmp_path / "b_tmp",
+        phantom((64, 64, 20), (1.0, 1.0, 2.0), rng),
+        (1.0, 1.0, 2.0),
+        patient_id="PAT-B",
+        series_uid="1.2.826.0.1.3680043.2.1125.2",
+    )
     for path in (tmp_path / "b_tmp").iterdir():  # series B joins series A's folder, with new names
         path.rename(shared / f"b_{path.name}")
     other.mkdir(parents=True)

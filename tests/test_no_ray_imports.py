@@ -1,4 +1,4 @@
-"""models/ and objectives/ know nothing about Ray or devices (STYLE 1): no `ray` import, no `.cuda()`."""
+"""models/, objectives/ and eval/ know nothing about Ray or devices (STYLE 1): no `ray`, no `.cuda()`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "fmct_ray"
-FILES = sorted(p for pkg in ("models", "objectives") for p in (ROOT / pkg).glob("*.py"))
+FILES = sorted(p for pkg in ("models", "objectives", "eval") for p in (ROOT / pkg).glob("*.py"))
 
 
 def test_there_are_files_to_check():
@@ -31,6 +31,7 @@ def test_no_ray_import_and_no_cuda_call(path):
 
 
 def test_importing_the_packages_does_not_load_ray():
-    code = "import sys, fmct_ray.models, fmct_ray.objectives; print('ray' in sys.modules)"
+    packages = "fmct_ray.models, fmct_ray.objectives, fmct_ray.eval.report, fmct_ray.eval.labels"
+    code = f"import sys, {packages}; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -17,14 +17,13 @@ would have seen from `s` on.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fmct_ray.data.crops import MultiCrop, MultiCropConfig
 from fmct_ray.ingest.store import SiteStore
-from fmct_ray.storage import StorageConfig, is_local, join
+from fmct_ray.storage import StorageConfig
 
 
 @dataclass(frozen=True)
@@ -63,8 +62,6 @@ class DataConfig:
         volumes_per_task: volumes per `map_batches` call (rows per output block).
         prefetch_batches: batches each training worker prefetches.
         preserve_order: deliver samples in order (exact resume with one worker; slightly slower).
-        fast_read: read the single Zarr chunk in one GET and decode it with numcodecs (falls
-            back to zarr when the array is not a single blosc/zstd chunk).
     """
 
     sites: tuple[SiteSpec, ...] = ()
@@ -78,7 +75,6 @@ class DataConfig:
     volumes_per_task: int = 2
     prefetch_batches: int = 2
     preserve_order: bool = False
-    fast_read: bool = True
 
 
 # -- the order of one epoch (driver and readers; ids only) ------------------------------------
@@ -159,26 +155,6 @@ def make_plan(cfg: DataConfig) -> Plan:
 
 
 # -- reading and cutting (inside Ray workers) ------------------------------------------------
-def _decode_single_chunk(meta: dict, blob: bytes) -> np.ndarray | None:
-    """Decode a single-chunk int16 Zarr v3 array from its metadata and chunk bytes, or None when
-    the codec chain is not one this fast path knows (the caller then uses zarr)."""
-    import numcodecs
-
-    shape, chunks = meta.get("shape"), meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
-    codecs = meta.get("codecs", [])
-    if meta.get("data_type") != "int16" or shape != chunks or len(codecs) != 2:
-        return None
-    first, second = codecs
-    if first.get("name") != "bytes" or first.get("configuration", {}).get("endian", "little") != "little":
-        return None
-    codec = {"blosc": numcodecs.Blosc, "zstd": numcodecs.Zstd}.get(second.get("name"))
-    if codec is None:
-        return None
-    out = np.empty(shape, "<i2")  # decode straight into a writable array (no copy)
-    codec().decode(blob, out=out)
-    return out
-
-
 class VolumeReader:
     """`map_batches` actor: {"id": int64} -> {"global", ["local"], "site", "index"}.
 
@@ -186,28 +162,19 @@ class VolumeReader:
         plan: the run's scan ids and epoch length.
         crops: the views to cut.
         start: global index of the dataset's first row (resume position).
-        fast_read: one GET for the chunk (plus metadata) instead of zarr's path.
     """
 
-    def __init__(self, plan: Plan, crops: MultiCropConfig, start: int = 0, fast_read: bool = True) -> None:
-        self.plan, self.start, self.fast_read = plan, start, fast_read
+    def __init__(self, plan: Plan, crops: MultiCropConfig, start: int = 0) -> None:
+        self.plan, self.start = plan, start
         self.cut = MultiCrop(crops)
-        self.stores = [SiteStore(s.uri, s.storage) for s in plan.sites]
+        self.stores: dict[int, SiteStore] = {}  # opened on first use: a reader resolves only the
+        # credentials of the sites it actually reads (site-pinned readers never see the others')
 
     def read(self, site: int, scan_id: str) -> np.ndarray:
-        store = self.stores[site]
-        if self.fast_read:
-            base = join(store.root, "volumes", scan_id)
-            meta_path, chunk_path = join(base, "zarr.json"), join(base, "c", "0", "0", "0")
-            blobs = (
-                store.fs.cat([meta_path, chunk_path])
-                if not is_local(store.fs)
-                else {meta_path: store.fs.cat_file(meta_path), chunk_path: store.fs.cat_file(chunk_path)}
-            )
-            volume = _decode_single_chunk(json.loads(blobs[meta_path]), blobs[chunk_path])
-            if volume is not None:
-                return volume
-        return store.read_volume(scan_id)
+        if site not in self.stores:
+            spec = self.plan.sites[site]
+            self.stores[site] = SiteStore(spec.uri, spec.storage)
+        return self.stores[site].read_volume(scan_id)  # metadata + single chunk, one round trip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         index = batch["id"].astype(np.int64) + self.start
@@ -246,9 +213,13 @@ def index_dataset(start: int, stop: int, rows_per_block: int, read_tasks: int = 
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
             per = rows_per_block * max(1, -(-n // (rows_per_block * max(1, read_tasks))))
-            return [ReadTask(functools.partial(blocks, lo, min(lo + per, n)),
-                             BlockMetadata(min(per, n - lo), 8 * min(per, n - lo), None, None))
-                    for lo in range(0, n, per)]
+            return [
+                ReadTask(
+                    functools.partial(blocks, lo, min(lo + per, n)),
+                    BlockMetadata(min(per, n - lo), 8 * min(per, n - lo), None, None),
+                )
+                for lo in range(0, n, per)
+            ]
 
     return ray.data.read_datasource(_Ids(), num_cpus=num_cpus)
 
@@ -287,7 +258,6 @@ def build_dataset(cfg: DataConfig, total_samples: int, start: int = 0, plan: Pla
                     "plan": plan,
                     "crops": cfg.crops,
                     "start": start,
-                    "fast_read": cfg.fast_read,
                 },
                 batch_size=cfg.volumes_per_task,
                 batch_format="numpy",
@@ -321,8 +291,11 @@ def synthetic_volume(rng: np.random.Generator, size: int = 224) -> np.ndarray:
     """A CT-like int16 volume: air at -1024 around an ellipsoidal 'head' (skull shell, brain)."""
     g = (np.arange(size, dtype=np.float32) - size / 2) / (size / 2)
     radii = rng.uniform(0.6, 0.8, 3).astype(np.float32)
-    r = np.sqrt((g[:, None, None] / radii[0]) ** 2 + (g[None, :, None] / radii[1]) ** 2
-                + (g[None, None, :] / radii[2]) ** 2)
+    r = np.sqrt(
+        (g[:, None, None] / radii[0]) ** 2
+        + (g[None, :, None] / radii[1]) ** 2
+        + (g[None, None, :] / radii[2]) ** 2
+    )
     vol = np.full((size,) * 3, -1024, np.int16)
     vol[r < 1.0] = 1000
     brain = r < 0.9
@@ -330,8 +303,14 @@ def synthetic_volume(rng: np.random.Generator, size: int = 224) -> np.ndarray:
     return vol
 
 
-def write_synthetic_store(uri: str, n: int, site: str = "synthetic", storage: StorageConfig | None = None,
-                          splits: tuple[str, ...] = ("train",), seed: int = 0) -> list[str]:
+def write_synthetic_store(
+    uri: str,
+    n: int,
+    site: str = "synthetic",
+    storage: StorageConfig | None = None,
+    splits: tuple[str, ...] = ("train",),
+    seed: int = 0,
+) -> list[str]:
     """Write `n` synthetic 224^3 volumes (scan ids `<site>-0000`...) with a manifest; returns ids."""
     from fmct_ray.ingest.store import StoreConfig, checksum
 
@@ -341,9 +320,16 @@ def write_synthetic_store(uri: str, n: int, site: str = "synthetic", storage: St
     for i in range(n):
         scan_id, vol = f"{site}-{i:04d}", synthetic_volume(rng)
         store.write_volume(scan_id, vol, np.eye(4), StoreConfig(verify_writes=False))
-        store.commit({"scan_id": scan_id, "patient_id": f"p{i:04d}", "site": site,
-                      "split": splits[i % len(splits)], "stored_shape": list(vol.shape),
-                      "checksum": checksum(vol)})
+        store.commit(
+            {
+                "scan_id": scan_id,
+                "patient_id": f"p{i:04d}",
+                "site": site,
+                "split": splits[i % len(splits)],
+                "stored_shape": list(vol.shape),
+                "checksum": checksum(vol),
+            }
+        )
         ids.append(scan_id)
     store.consolidate()
     return ids

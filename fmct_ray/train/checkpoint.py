@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from fmct_ray import config as config_lib
-from fmct_ray.storage import StorageConfig, filesystem, join
+from fmct_ray.storage import StorageConfig, filesystem, is_remote, join, storage_options
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of registered checkpoints
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2 writes it once a checkpoint is registered
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,12 +47,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def task_state(task: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The task's state dict with DDP's `module.` infix removed (keys as in an unwrapped task)."""
-    return {k.replace(".module.", ".", 1) if ".module." in k else k: v.detach().cpu()
-            for k, v in task.state_dict().items()}
+    return {
+        k.replace(".module.", ".", 1) if ".module." in k else k: v.detach().cpu()
+        for k, v in task.state_dict().items()
+    }
 
 
-def save(directory: str | Path, rank: int, *, task=None, optimizer=None, state: dict | None = None,
-         cfg=None, metrics_csv: str | None = None) -> Path:
+def save(
+    directory: str | Path,
+    rank: int,
+    *,
+    task=None,
+    optimizer=None,
+    state: dict | None = None,
+    cfg=None,
+    metrics_csv: str | None = None,
+) -> Path:
     """Write this rank's part of a checkpoint into `directory` (rank 0 writes the shared parts)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -81,18 +91,47 @@ def load(directory: str | Path, rank: int, task, optimizer) -> dict:
 class ResumePosition:
     """`() -> int`: samples consumed at the run's latest registered checkpoint (0 when none).
 
-    Reads Ray Train's checkpoint-manager snapshot in the run folder (written before a worker
-    group restarts), whose latest result carries the `samples` metric every checkpoint reports.
-    Called by the dataset factory each time the worker group (re)starts.
+    The position is our own `state.json` inside that checkpoint. Which checkpoint is the latest
+    *registered* one (reported by every rank, the one Ray Train hands the restarted workers) comes
+    from Ray's public `Result.from_path`, not from the newest folder in storage, which may be a
+    half-written checkpoint of a worker group that died while reporting. Called by the dataset
+    factory each time the worker group (re)starts.
     """
 
     def __init__(self, storage_path: str, name: str, storage: StorageConfig | None = None) -> None:
-        self.uri, self.storage = join(storage_path.rstrip("/"), name), storage
+        self.storage_path, self.name, self.storage = storage_path.rstrip("/"), name, storage
 
     def __call__(self) -> int:
-        fs, root = filesystem(self.uri, self.storage)
-        path = join(root, SNAPSHOT)
-        if not fs.exists(path):
+        checkpoint = latest_checkpoint(self.storage_path, self.name, self.storage)
+        if checkpoint is None:
             return 0
-        latest = json.loads(fs.cat_file(path)).get("latest_checkpoint_result") or {}
-        return int(latest.get("metrics", {}).get("samples", 0))
+        fs, root = filesystem(checkpoint, self.storage)
+        return int(json.loads(fs.cat_file(join(root, "state.json")))["samples"])
+
+
+def latest_checkpoint(storage_path: str, name: str, storage: StorageConfig | None = None) -> str | None:
+    """URI of the run's latest registered checkpoint folder, or None before the first one."""
+    from ray.train import Result
+
+    uri = join(storage_path.rstrip("/"), name)
+    fs, root = filesystem(uri, storage)
+    fs.invalidate_cache()  # s3fs caches listings; the snapshot changes under a long-lived process
+    if not fs.exists(join(root, SNAPSHOT)):
+        return None
+    path, pafs = storage_filesystem(uri, storage)
+    checkpoint = Result.from_path(path if pafs else root, storage_filesystem=pafs).checkpoint
+    if checkpoint is None:
+        return None
+    return checkpoint.path if "://" not in uri else f"{uri.split('://', 1)[0]}://{checkpoint.path}"
+
+
+def storage_filesystem(storage_path: str, storage: StorageConfig | None = None):
+    """(path, pyarrow filesystem or None) for RunConfig. s3 goes through s3fs wrapped for pyarrow:
+    pyarrow's own S3FileSystem fails CompleteMultipartUpload against moto (RAY_ZARR_NOTES)."""
+    if not is_remote(storage_path):
+        return storage_path.removeprefix("file://"), None
+    import pyarrow.fs
+    import s3fs
+
+    handler = pyarrow.fs.FSSpecHandler(s3fs.S3FileSystem(**storage_options(storage)))
+    return storage_path.split("://", 1)[1], pyarrow.fs.PyFileSystem(handler)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import yaml
-
 from fmct_ray import config as config_lib
 from fmct_ray.cli import load_config, parser
 from fmct_ray.data.source import SiteSpec
@@ -17,9 +15,14 @@ from fmct_ray.train.trainer import LaunchConfig, pretrain
 
 def job_parser(doc: str) -> argparse.ArgumentParser:
     p = parser(doc)
-    p.add_argument("--stores", nargs="*", default=[], metavar="[NAME=]URI",
-                   help="site stores (local folders or s3:// URIs); credentials from the environment")
-    p.add_argument("--sites", help="YAML list of sites: name, uri, storage, weight, resource")
+    p.add_argument(
+        "--stores",
+        nargs="*",
+        default=[],
+        metavar="[NAME=]URI",
+        help="site stores (local folders or s3:// URIs); credentials from the environment",
+    )
+    p.add_argument("--sites", help="sites file (configs/sites/*.yaml): name, uri, storage, weight, resource")
     p.add_argument("--num-workers", type=int, default=1, help="training workers (min when elastic)")
     p.add_argument("--max-workers", type=int, help="elastic upper bound on training workers")
     p.add_argument("--gpu", "--use-gpu", dest="use_gpu", action="store_true", help="one GPU per worker")
@@ -36,8 +39,12 @@ def sites_from_args(args: argparse.Namespace) -> tuple[SiteSpec, ...]:
         name, sep, uri = item.partition("=")
         sites.append(SiteSpec(name=name if sep else f"site{i}", uri=uri if sep else item))
     if args.sites:
-        with open(args.sites) as f:
-            sites += [config_lib.build(SiteSpec, s, "sites.") for s in yaml.safe_load(f)]
+        from fmct_ray.sites import load_sites
+
+        try:
+            sites += load_sites(args.sites)
+        except config_lib.ConfigError as err:
+            raise SystemExit(f"sites file: {err}") from err
     return tuple(sites)
 
 
@@ -48,10 +55,16 @@ def run_job(objective: str, doc: str) -> None:
         raise SystemExit(f"recipe objective is {cfg.objective!r}; this job trains {objective!r}")
     sites = sites_from_args(args) or cfg.data.sites
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sites=sites))
-    launch = LaunchConfig(name=args.name, storage_path=args.storage, num_workers=args.num_workers,
-                          max_workers=args.max_workers, use_gpu=args.use_gpu,
-                          cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
-                          storage=StorageConfig())
+    launch = LaunchConfig(
+        name=args.name,
+        storage_path=args.storage,
+        num_workers=args.num_workers,
+        max_workers=args.max_workers,
+        use_gpu=args.use_gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
+        storage=StorageConfig(),
+    )
     result = pretrain(cfg, launch)
     print("final checkpoint:", result.checkpoint and result.checkpoint.path)
     if result.error:

@@ -15,8 +15,26 @@ from pathlib import Path
 
 import torch
 
-COLUMNS = ("step", "epoch", "samples", "loss", "dino", "ibot", "koleo", "mae", "lr", "wd", "momentum",
-           "teacher_temp", "grad_norm", "scans_per_s", "data_wait_frac", "step_s", "peak_mem_gb", "time")
+COLUMNS = (
+    "step",
+    "epoch",
+    "samples",
+    "loss",
+    "dino",
+    "ibot",
+    "koleo",
+    "mae",
+    "lr",
+    "wd",
+    "momentum",
+    "teacher_temp",
+    "grad_norm",
+    "scans_per_s",
+    "data_wait_frac",
+    "step_s",
+    "peak_mem_gb",
+    "time",
+)
 
 
 class StepTimer:
@@ -36,8 +54,11 @@ class StepTimer:
 
     def summary(self, global_batch: int) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        return {"scans_per_s": global_batch * self.steps / elapsed, "data_wait_frac": self.wait / elapsed,
-                "step_s": elapsed / max(self.steps, 1)}
+        return {
+            "scans_per_s": global_batch * self.steps / elapsed,
+            "data_wait_frac": self.wait / elapsed,
+            "step_s": elapsed / max(self.steps, 1),
+        }
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -66,9 +87,11 @@ class CSVLog:
 
 def progress_line(row: dict[str, float], total_steps: int) -> str:
     terms = " ".join(f"{k} {row[k]:.4f}" for k in ("loss", "dino", "ibot", "koleo", "mae") if k in row)
-    return (f"[step {int(row['step'])}/{total_steps} ep {row['epoch']:.2f}] {terms} lr {row['lr']:.2e} "
-            f"| {row['scans_per_s']:.1f} scans/s, data wait {100 * row['data_wait_frac']:.0f}%, "
-            f"peak {row['peak_mem_gb']:.2f} GB")
+    return (
+        f"[step {int(row['step'])}/{total_steps} ep {row['epoch']:.2f}] {terms} lr {row['lr']:.2e} "
+        f"| {row['scans_per_s']:.1f} scans/s, data wait {100 * row['data_wait_frac']:.0f}%, "
+        f"peak {row['peak_mem_gb']:.2f} GB"
+    )
 
 
 def print_progress(row: dict[str, float], total_steps: int) -> None:

@@ -129,9 +129,12 @@ def resolve(cfg: PretrainConfig, length: RunLength) -> PretrainConfig:
     """Turn epoch-valued settings into step counts (the saved config is the one that ran)."""
     spe, t = length.steps_per_epoch, cfg.train
     optim = dataclasses.replace(cfg.optim, warmup_steps=int(t.warmup_epochs * spe))
-    dino = dataclasses.replace(cfg.dino, total_steps=length.total_steps,
-                               warmup_teacher_temp_steps=int(t.teacher_temp_warmup_epochs * spe),
-                               freeze_last_layer_steps=int(t.freeze_last_layer_epochs * spe))
+    dino = dataclasses.replace(
+        cfg.dino,
+        total_steps=length.total_steps,
+        warmup_teacher_temp_steps=int(t.teacher_temp_warmup_epochs * spe),
+        freeze_last_layer_steps=int(t.freeze_last_layer_epochs * spe),
+    )
     return dataclasses.replace(cfg, optim=optim, dino=dino)
 
 
@@ -184,8 +187,10 @@ def forward(task, batch: dict, step: int, augs: tuple[GPUAugment, GPUAugment], g
 def schedules(cfg: PretrainConfig, length: RunLength, step: int) -> dict[str, float]:
     o = cfg.optim
     base_lr = scaled_lr(o.lr, length.global_batch)
-    return {"lr": lr_at(step, length.total_steps, base_lr, o.min_lr, o.warmup_steps),
-            "wd": weight_decay_at(step, length.total_steps, o.weight_decay, o.weight_decay_end)}
+    return {
+        "lr": lr_at(step, length.total_steps, base_lr, o.min_lr, o.warmup_steps),
+        "wd": weight_decay_at(step, length.total_steps, o.weight_decay, o.weight_decay_end),
+    }
 
 
 # -- one optimiser step ------------------------------------------------------------------------
@@ -308,8 +313,15 @@ def report(loop: Loop, row: dict, state: dict, final: bool) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
-        ckpt.save(d, loop.rank, task=loop.task, optimizer=loop.optimizer, state=state, cfg=loop.cfg,
-                  metrics_csv=loop_csv(loop))
+        ckpt.save(
+            d,
+            loop.rank,
+            task=loop.task,
+            optimizer=loop.optimizer,
+            state=state,
+            cfg=loop.cfg,
+            metrics_csv=loop_csv(loop),
+        )
         if final and loop.rank == 0 and loop.cfg.train.export_backbone:
             export_backbone(loop.task, Path(d) / "teacher_backbone.pt")
         ray.train.report({**row, **state}, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -336,16 +348,21 @@ def train_loop_per_worker(config: dict) -> None:
     steps_left = max(0, (length.total_samples - state["samples"]) // per_step)
     total = state["step"] + steps_left
     shard = ray.train.get_dataset_shard("train")
-    batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
-                                       prefetch_batches=cfg.data.prefetch_batches, device=loop.device)
+    batches = shard.iter_torch_batches(
+        batch_size=cfg.train.batch_size,
+        drop_last=True,
+        prefetch_batches=cfg.data.prefetch_batches,
+        device=loop.device,
+    )
     stop = total if cfg.train.stop_after is None else min(total, cfg.train.stop_after)
     timer = StepTimer()
     groups = micro_batches(batches, cfg.train.accum_steps, state["samples"], timer)
     run_steps(loop, groups, timer, state, (stop, total), per_step)
 
 
-def run_steps(loop: Loop, groups, timer: StepTimer, state: dict, stop_total: tuple[int, int],
-              per_step: int) -> None:
+def run_steps(
+    loop: Loop, groups, timer: StepTimer, state: dict, stop_total: tuple[int, int], per_step: int
+) -> None:
     """Steps `state["step"]` .. `stop`: train, log every `log_every`, checkpoint every
     `checkpoint_every` and at `stop`; the checkpoint at `total` (end of the run) exports the backbone."""
     cfg, step, samples = loop.cfg, state["step"], state["samples"]
@@ -357,13 +374,24 @@ def run_steps(loop: Loop, groups, timer: StepTimer, state: dict, stop_total: tup
         row = train_step(loop, group, step)
         timer.step()
         step, samples = step + 1, samples + per_step
-        new_state = {"step": step, "samples": samples, "epoch": samples / loop.length.samples_per_epoch,
-                     "total_steps": total, "global_batch": per_step}
+        new_state = {
+            "step": step,
+            "samples": samples,
+            "epoch": samples / loop.length.samples_per_epoch,
+            "total_steps": total,
+            "global_batch": per_step,
+        }
         logged = step % cfg.train.log_every == 0 or step == stop
         if logged:
             row = global_mean(row, loop.device)
-            row.update(timer.summary(per_step), step=step, samples=samples, epoch=new_state["epoch"],
-                       peak_mem_gb=peak_memory_gb(loop.device), time=time.time())
+            row.update(
+                timer.summary(per_step),
+                step=step,
+                samples=samples,
+                epoch=new_state["epoch"],
+                peak_mem_gb=peak_memory_gb(loop.device),
+                time=time.time(),
+            )
             timer.reset()
             if loop.rank == 0:
                 log.write(row)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fmct_ray.data.source import DatasetFactory, make_plan
-from fmct_ray.storage import StorageConfig, is_remote, storage_options
-from fmct_ray.train.checkpoint import ResumePosition
+from fmct_ray.storage import StorageConfig
+from fmct_ray.train.checkpoint import ResumePosition, storage_filesystem
 from fmct_ray.train.pretrain import PretrainConfig, resolve, run_length, train_loop_per_worker
 
 
@@ -41,18 +41,6 @@ class LaunchConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
 
 
-def storage_filesystem(storage_path: str, storage: StorageConfig | None = None):
-    """(path, pyarrow filesystem or None) for RunConfig. s3 goes through s3fs wrapped for pyarrow:
-    pyarrow's own S3FileSystem fails CompleteMultipartUpload against moto (RAY_ZARR_NOTES)."""
-    if not is_remote(storage_path):
-        return storage_path.removeprefix("file://"), None
-    import pyarrow.fs
-    import s3fs
-
-    handler = pyarrow.fs.FSSpecHandler(s3fs.S3FileSystem(**storage_options(storage)))
-    return storage_path.split("://", 1)[1], pyarrow.fs.PyFileSystem(handler)
-
-
 def build_trainer(cfg: PretrainConfig, launch: LaunchConfig):
     import ray.train
     from ray.data import DataContext, ExecutionOptions
@@ -63,24 +51,32 @@ def build_trainer(cfg: PretrainConfig, launch: LaunchConfig):
     world = launch.max_workers or launch.num_workers
     length = run_length(cfg, plan.samples_per_epoch, world)
     resolved = resolve(cfg, length)
-    factory = DatasetFactory(cfg.data, length.total_samples,
-                             ResumePosition(launch.storage_path, launch.name, launch.storage), plan=plan)
+    factory = DatasetFactory(
+        cfg.data,
+        length.total_samples,
+        ResumePosition(launch.storage_path, launch.name, launch.storage),
+        plan=plan,
+    )
     path, fs = storage_filesystem(launch.storage_path, launch.storage)
     workers = (launch.num_workers, launch.max_workers) if launch.max_workers else launch.num_workers
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": resolved, "length": length},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=launch.use_gpu,
-                                               resources_per_worker={"CPU": launch.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=launch.use_gpu, resources_per_worker={"CPU": launch.cpus_per_worker}
+        ),
         run_config=ray.train.RunConfig(
-            name=launch.name, storage_path=path, storage_filesystem=fs,
+            name=launch.name,
+            storage_path=path,
+            storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
         datasets={"train": factory},
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"],
-            execution_options=ExecutionOptions(preserve_order=cfg.data.preserve_order)),
+            execution_options=ExecutionOptions(preserve_order=cfg.data.preserve_order),
+        ),
     )
 
 

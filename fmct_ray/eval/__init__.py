@@ -1,0 +1,1 @@
+"""Downstream evaluation: metrics and statistics, labels, embeddings, probes, sweeps, reports."""

@@ -1,0 +1,346 @@
+"""Task labels per scan: derived from health records, or joined from public-dataset label files.
+
+Two sources (issue 5, SPEC section 4):
+
+- EHR: a table of (patient_id, time, code) rows, where `code` is an ICD-10 code or a drug name
+  (an optional `kind` column, "diagnosis" / "medication", keeps the two apart), and a table of
+  scan times (scan_id, scan_time; the manifest has no scan-time column yet). A scan is positive for
+  a task if any code or medication of the task's definition (`configs/labels/*.yaml`) appears in
+  the patient's records in [scan_time, scan_time + window_days). Codes are compared without dots
+  and case ("I61.0" == "i610"); "I60.*" matches every code starting with I60; medications match as
+  whole words ("Donepezil 10 mg tablet" matches donepezil). Derived tasks (`include`) union the
+  definitions of other tasks.
+- Public label files (RSNA / CQ500 style): one row per scan, one column per task, joined to the
+  manifest by scan id (or by the pseudonym of the original NIfTI path / DICOM series, computed with
+  the site's secret exactly as ingest computed the scan id).
+
+Labels are nullable (pandas "Int8": 1, 0, <NA>). A label is missing, never silently negative, when
+the scan has no time, the patient has no records at all, the file has no row or an empty cell for
+it, or its value is contradictory (two rows that disagree, a derived task negative while a task it
+includes is positive). `LabelReport` counts every such case per task with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from fmct_ray.eval.tables import markdown_table
+from fmct_ray.ingest.pipeline import pseudonym
+
+TRUE = {"1", "1.0", "true", "yes", "y", "positive", "pos", "t"}
+FALSE = {"0", "0.0", "false", "no", "n", "negative", "neg", "f"}
+
+
+@dataclass(frozen=True)
+class TaskDefinition:
+    """One binary task.
+
+    Args:
+        codes: ICD-10 codes; a trailing `*` makes the code a prefix.
+        medications: drug names (case-insensitive whole words).
+        include: other tasks whose definitions are unioned in (ICH = IPH + IVH + ...).
+        column: the column of a public label file holding this task (None: the task name).
+    """
+
+    codes: tuple[str, ...] = ()
+    medications: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    column: str | None = None
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Root config of `configs/labels/*.yaml`.
+
+    Args:
+        tasks: task name -> definition.
+        window_days: EHR window length; records in [scan, scan + window_days) count.
+        subcodes: also match codes that extend a listed code (S06.5 -> S06.5X0A, ICD-10-CM).
+        id_column: the scan identifier column of a public label file.
+        id_kind: what that column holds: the pseudonymous scan id, the NIfTI path relative to the
+            ingest input root, or the DICOM SeriesInstanceUID (both hashed with the site secret).
+        patient_ids: whether the EHR's patient ids are already pseudonymous or raw (then hashed).
+        secret_env: environment variable with the site secret (only for raw ids).
+    """
+
+    tasks: dict[str, TaskDefinition] = field(default_factory=dict)
+    window_days: int = 90
+    subcodes: bool = False
+    id_column: str = "scan_id"
+    id_kind: Literal["scan_id", "nifti_path", "dicom_series"] = "scan_id"
+    patient_ids: Literal["pseudonymous", "raw"] = "pseudonymous"
+    secret_env: str = "FMCT_SITE_SECRET"
+
+    def __post_init__(self) -> None:
+        if self.window_days <= 0:
+            raise ValueError(f"window_days must be positive, got {self.window_days}")
+        for name, task in self.tasks.items():
+            unknown = set(task.include) - set(self.tasks)
+            if unknown:
+                raise ValueError(f"task {name} includes unknown task(s) {sorted(unknown)}")
+        for name in self.tasks:
+            expand(self, name)  # raises on include cycles
+
+
+def expand(cfg: LabelConfig, task: str, seen: tuple[str, ...] = ()) -> tuple[set[str], set[str]]:
+    """(codes, medications) of `task` with its includes resolved."""
+    if task in seen:
+        raise ValueError(f"task definitions include each other in a cycle: {' -> '.join((*seen, task))}")
+    d = cfg.tasks[task]
+    codes, meds = set(d.codes), {m.lower() for m in d.medications}
+    for other in d.include:
+        c, m = expand(cfg, other, (*seen, task))
+        codes |= c
+        meds |= m
+    return codes, meds
+
+
+@dataclass
+class LabelReport:
+    """Per task: counts of positives, negatives, missing and contradictory labels, and why."""
+
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, task: str, reason: str, count: int) -> None:
+        if count:
+            self.rows.append({"task": task, "reason": reason, "scans": int(count)})
+
+    def table(self, labels: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+        """One row per task: scans, positive, negative, missing, and the reasons of the missing."""
+        out = []
+        for t in tasks:
+            col = labels[t]
+            reasons = "; ".join(f"{r['reason']}: {r['scans']}" for r in self.rows if r["task"] == t)
+            out.append(
+                {
+                    "task": t,
+                    "scans": len(col),
+                    "positive": int((col == 1).sum()),
+                    "negative": int((col == 0).sum()),
+                    "missing": int(col.isna().sum()),
+                    "reasons": reasons,
+                }
+            )
+        return pd.DataFrame(out)
+
+
+# -- EHR ------------------------------------------------------------------------------------------
+def normalise_code(code: str) -> str:
+    return str(code).strip().upper().replace(".", "")
+
+
+def code_matcher(codes: set[str], subcodes: bool) -> re.Pattern:
+    """One regex over normalised codes: prefixes for `X*` (and for all codes when `subcodes`)."""
+    parts = []
+    for c in sorted(codes):
+        prefix = c.endswith("*")
+        body = re.escape(normalise_code(c.rstrip("*")))
+        parts.append(body + (".*" if prefix or subcodes else ""))
+    return re.compile("^(?:" + "|".join(parts) + ")$") if parts else re.compile("(?!)")
+
+
+def medication_matcher(meds: set[str]) -> re.Pattern:
+    if not meds:
+        return re.compile("(?!)")
+    return re.compile(r"\b(?:" + "|".join(re.escape(m) for m in sorted(meds)) + r")\b", re.IGNORECASE)
+
+
+def _require(frame: pd.DataFrame, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; has {list(frame.columns)}")
+
+
+def _secret(cfg: LabelConfig) -> bytes:
+    secret = os.environ.get(cfg.secret_env)
+    if not secret:
+        raise ValueError(f"raw ids need the site secret in ${cfg.secret_env} (the one ingest used)")
+    return secret.encode()
+
+
+def derive_ehr_labels(
+    ehr: pd.DataFrame, scans: pd.DataFrame, cfg: LabelConfig, what: str = "EHR table"
+) -> tuple[pd.DataFrame, LabelReport]:
+    """One nullable binary column per task for every scan.
+
+    Args:
+        ehr: columns patient_id, time, code (ICD-10 code or drug name), optional kind.
+        scans: columns scan_id, patient_id, scan_time (manifest joined with the scan times).
+        cfg: task definitions and window.
+        what: name of the EHR source in error messages.
+    """
+    _require(ehr, ["patient_id", "time", "code"], what)
+    _require(scans, ["scan_id", "patient_id", "scan_time"], "scan table")
+    ehr = ehr.copy()
+    if cfg.patient_ids == "raw":
+        secret = _secret(cfg)
+        ehr["patient_id"] = [pseudonym(secret, "patient", str(p)) for p in ehr["patient_id"]]
+    ehr["time"] = pd.to_datetime(ehr["time"], errors="raise")
+    kind = ehr["kind"].astype(str).str.lower() if "kind" in ehr.columns else None
+    is_dx = kind.str.startswith("diag") if kind is not None else pd.Series(True, index=ehr.index)
+    is_med = kind.str.startswith("med") if kind is not None else pd.Series(True, index=ehr.index)
+    code = ehr["code"].astype(str)
+    scans = scans.reset_index(drop=True).assign(_scan=lambda f: np.arange(len(f)))
+    scans["scan_time"] = pd.to_datetime(scans["scan_time"], errors="coerce")
+    # every (scan, record) pair of the same patient inside the window
+    pairs = scans.merge(ehr.assign(_row=np.arange(len(ehr))), on="patient_id", how="inner")
+    delta = pairs["time"] - pairs["scan_time"]
+    pairs = pairs[(delta >= pd.Timedelta(0)) & (delta < pd.Timedelta(days=cfg.window_days))]
+    rows = pairs["_row"].to_numpy()
+    report = LabelReport()
+    no_time = scans["scan_time"].isna().to_numpy()
+    no_records = ~scans["patient_id"].isin(set(ehr["patient_id"])).to_numpy()
+    labels = pd.DataFrame({"scan_id": scans["scan_id"].to_numpy()})
+    for task in cfg.tasks:
+        codes, meds = expand(cfg, task)
+        hit_row = (is_dx & code.map(normalise_code).str.match(code_matcher(codes, cfg.subcodes))) | (
+            is_med & code.str.contains(medication_matcher(meds))
+        )
+        positive = np.zeros(len(scans), dtype=np.int8)  # per scan row: a scan may have two times
+        positive[pairs["_scan"].to_numpy()[hit_row.to_numpy()[rows]]] = 1
+        col = pd.Series(positive, dtype="Int8")
+        col[no_time | no_records] = pd.NA
+        labels[task] = col
+        report.add(task, "no scan time", no_time.sum())
+        report.add(task, "patient has no EHR records", (no_records & ~no_time).sum())
+    return _drop_duplicate_scans(labels, list(cfg.tasks), report)
+
+
+def _collapse(values: pd.Series):
+    """The one value of a scan's rows; <NA> when they disagree or are all missing."""
+    distinct = values.dropna().unique()
+    return distinct[0] if len(distinct) == 1 else pd.NA
+
+
+def _drop_duplicate_scans(labels: pd.DataFrame, tasks: list[str], report: LabelReport):
+    """A scan listed twice (e.g. two scan times) whose labels disagree is contradictory -> missing."""
+    dup = labels["scan_id"].duplicated(keep=False)
+    if not dup.any():
+        return labels.reset_index(drop=True), report
+    groups = labels[dup].groupby("scan_id", sort=False)
+    for t in tasks:
+        report.add(t, "contradictory rows for the same scan", (groups[t].nunique() > 1).sum())
+    out = labels.groupby("scan_id", sort=False)[tasks].agg(_collapse).reset_index()
+    for t in tasks:
+        out[t] = out[t].astype("Int8")
+    return out, report
+
+
+# -- public label files ---------------------------------------------------------------------------
+def _parse_value(v) -> float:
+    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+        return np.nan
+    text = str(v).strip().lower()
+    if text in TRUE:
+        return 1.0
+    if text in FALSE:
+        return 0.0
+    if text in ("", "nan", "na", "none", "null"):
+        return np.nan
+    return -1.0  # invalid
+
+
+def public_scan_ids(values: pd.Series, cfg: LabelConfig) -> pd.Series:
+    """The label file's id column mapped to pseudonymous scan ids."""
+    if cfg.id_kind == "scan_id":
+        return values.astype(str)
+    secret = _secret(cfg)
+    prefix = "nifti" if cfg.id_kind == "nifti_path" else "dicom"
+    return values.astype(str).map(lambda v: pseudonym(secret, "scan", f"{prefix}:{v}"))
+
+
+def join_public_labels(
+    table: pd.DataFrame, manifest: pd.DataFrame, cfg: LabelConfig, what: str = "label file"
+) -> tuple[pd.DataFrame, LabelReport]:
+    """Labels of every manifest scan from a one-row-per-scan label file (joined by scan id)."""
+    columns = {t: d.column or t for t, d in cfg.tasks.items()}
+    _require(table, [cfg.id_column, *columns.values()], what)
+    report = LabelReport()
+    frame = pd.DataFrame({"scan_id": public_scan_ids(table[cfg.id_column], cfg).to_numpy()})
+    known = frame["scan_id"].isin(set(manifest["scan_id"])).to_numpy()
+    for task, column in columns.items():
+        parsed = table[column].map(_parse_value).astype(float).to_numpy()
+        report.add(task, f"invalid value in column {column!r}", ((parsed == -1) & known).sum())
+        report.add(task, "empty cell", (np.isnan(parsed) & known).sum())
+        frame[task] = pd.Series(np.where(parsed >= 0, parsed, np.nan)).astype("Int8")
+        report.add(task, "label rows for scans not in the manifest (ignored)", (~known).sum())
+        report.add(task, "no row in the label file", (~manifest["scan_id"].isin(set(frame["scan_id"]))).sum())
+    frame, report = _drop_duplicate_scans(frame[known], list(columns), report)
+    labels = manifest[["scan_id"]].merge(frame, on="scan_id", how="left")
+    for task in columns:
+        labels[task] = labels[task].astype("Int8")
+    return _check_includes(labels, cfg, report), report
+
+
+def _check_includes(labels: pd.DataFrame, cfg: LabelConfig, report: LabelReport) -> pd.DataFrame:
+    """A derived task that is negative while a task it includes is positive is contradictory."""
+    for task, d in cfg.tasks.items():
+        parts = [p for p in d.include if p in labels.columns]
+        if not parts:
+            continue
+        any_part = (labels[parts] == 1).any(axis=1)
+        bad = (labels[task] == 0) & any_part
+        report.add(task, f"negative while an included task ({', '.join(parts)}) is positive", bad.sum())
+        labels.loc[bad.fillna(False).astype(bool), task] = pd.NA
+    return labels
+
+
+# -- files ----------------------------------------------------------------------------------------
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A CSV or Parquet table; errors name the file."""
+    path = str(path)
+    try:
+        return pd.read_parquet(path) if path.endswith(".parquet") else pd.read_csv(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable table is a clear user error
+        raise ValueError(f"cannot read table {path}: {type(err).__name__}: {err}") from err
+
+
+def write_labels(labels: pd.DataFrame, report: pd.DataFrame, out: str | Path) -> Path:
+    """labels.parquet, label_report.csv and label_report.md in folder `out`; returns the parquet."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels.to_parquet(out / "labels.parquet", index=False)
+    report.to_csv(out / "label_report.csv", index=False)
+    (out / "label_report.md").write_text(markdown_table(report))
+    return out / "labels.parquet"
+
+
+def make_labels(
+    cfg: LabelConfig,
+    manifest: pd.DataFrame,
+    out: str | Path,
+    ehr: str | Path | None = None,
+    scan_times: str | Path | None = None,
+    public: str | Path | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Labels of the manifest's scans from an EHR table (+ scan times) or a public label file.
+
+    Writes `out`/labels.parquet (scan_id, patient_id, site, split, one Int8 column per task) and
+    the per-task report (CSV, Markdown); returns (labels, report table).
+    """
+    if (ehr is None) == (public is None):
+        raise ValueError("give exactly one label source: an EHR table (with scan times) or a label file")
+    _require(manifest, ["scan_id", "patient_id", "site", "split"], "manifest")
+    if ehr is not None:
+        if scan_times is None:
+            raise ValueError("EHR labels need a scan-times table (scan_id, scan_time)")
+        times = read_table(scan_times)
+        _require(times, ["scan_id", "scan_time"], str(scan_times))
+        scans = manifest[["scan_id", "patient_id"]].merge(
+            times[["scan_id", "scan_time"]], on="scan_id", how="left"
+        )
+        labels, report = derive_ehr_labels(read_table(ehr), scans, cfg, what=str(ehr))
+    else:
+        labels, report = join_public_labels(read_table(public), manifest, cfg, what=str(public))
+    meta = manifest[["scan_id", "patient_id", "site", "split"]].drop_duplicates("scan_id")
+    labels = meta.merge(labels, on="scan_id", how="left")
+    table = report.table(labels, list(cfg.tasks))
+    write_labels(labels, table, out)
+    return labels, table

@@ -1,0 +1,188 @@
+"""Statistics of the downstream evaluation (SPEC section 5), in plain numpy/scipy.
+
+- `auroc`: the Mann-Whitney form (probability that a random positive outranks a random negative,
+  ties counting one half), equal to the trapezoidal ROC area scikit-learn computes.
+- `average_precision`: step-wise area under precision-recall, sum_n (R_n - R_{n-1}) P_n over the
+  distinct score thresholds (scikit-learn's definition: no interpolation, tied scores form one step).
+- `macro_auc`: the unweighted mean of per-task AUROCs (the paper's headline number).
+- `bootstrap_ci`: percentile interval from resampling the held-out set *by patient* (scans of one
+  patient are correlated; resampling them independently would give intervals that are too narrow).
+- `paired_permutation_test`: two-sided test of "model A and model B have the same AUROC" on the same
+  scans: under the null the two models' scores of a scan are exchangeable, so each permutation swaps
+  them at random per scan (per patient when groups are given). Scores are turned into ranks first,
+  so models whose outputs live on different scales (logits, probabilities) can be swapped.
+- `few_shot_summary`: mean and Student-t interval over the repeats of a few-shot run (5 seeds).
+
+Nothing here knows about Ray, devices or files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    s = np.asarray(y_score, dtype=np.float64)
+    if y.ndim != 1 or s.shape != y.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} must be 1-D of the same length")
+    if not np.isin(y, (0, 1, True, False)).all():
+        raise ValueError("labels must be binary (0/1); drop missing labels before scoring")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    y = y.astype(bool)
+    if y.all() or not y.any():
+        raise ValueError("AUROC/AP need at least one positive and one negative")
+    return y, s
+
+
+def auroc(y_true, y_score) -> float:
+    """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg), ties count 1/2)."""
+    y, s = _check(y_true, y_score)
+    ranks = stats.rankdata(s)  # average ranks for ties
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def average_precision(y_true, y_score) -> float:
+    """Average precision: sum over distinct thresholds of (recall step) x precision."""
+    y, s = _check(y_true, y_score)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each tied group
+    tps = np.cumsum(y)[last]
+    precision = tps / (last + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def macro_auc(per_task: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> float:
+    """Unweighted mean AUROC over tasks given as {task: (labels, scores)}."""
+    if not per_task:
+        raise ValueError("macro_auc needs at least one task")
+    return float(np.mean([auroc(y, s) for y, s in per_task.values()]))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a (lo, hi) interval."""
+
+    estimate: float
+    lo: float
+    hi: float
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
+
+
+def _group_index(groups, n: int) -> list[np.ndarray]:
+    """Row indices of each group (each row its own group when `groups` is None)."""
+    if groups is None:
+        return [np.array([i]) for i in range(n)]
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups {groups.shape} must have one entry per scan ({n})")
+    _, inverse = np.unique(groups, return_inverse=True)
+    order = np.argsort(inverse, kind="mergesort")
+    return np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
+
+
+def bootstrap_ci(
+    y_true,
+    y_score,
+    groups=None,
+    metric: Metric = auroc,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval of `metric`, resampling patients (or scans) with replacement.
+
+    Args:
+        y_true: binary labels, one per scan.
+        y_score: model scores, one per scan.
+        groups: patient id of every scan; all scans of a drawn patient enter the resample together
+            (None: every scan is its own patient).
+        metric: f(labels, scores) -> float.
+        n_resamples: bootstrap resamples (SPEC: paper used 100; default 1000).
+        level: coverage of the interval.
+        seed: generator seed (same seed, same interval).
+    """
+    y, s = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
+    estimate = metric(y, s)
+    members = _group_index(groups, len(y))
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        if y[idx].all() or not y[idx].any():
+            continue  # a resample without both classes has no AUROC; skipped, as is usual
+        values.append(metric(y[idx], s[idx]))
+    if len(values) < 0.9 * n_resamples:
+        raise ValueError(f"only {len(values)}/{n_resamples} resamples had both classes: too few positives")
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(values, [alpha, 1 - alpha])
+    return Interval(estimate, float(lo), float(hi))
+
+
+def paired_permutation_test(
+    y_true,
+    score_a,
+    score_b,
+    groups=None,
+    metric: Metric = auroc,
+    n_permutations: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Two-sided paired permutation test of metric(A) == metric(B) on the same scans.
+
+    Args:
+        y_true: binary labels, one per scan.
+        score_a: scores of model A on those scans.
+        score_b: scores of model B on the same scans, in the same order.
+        groups: patient ids; swaps then happen per patient (None: per scan).
+        metric: a rank-based metric (scores are converted to ranks before swapping).
+        n_permutations: random sign flips (SPEC: 1,000).
+        seed: generator seed.
+
+    Returns:
+        (metric(A) - metric(B), p-value), p = (1 + #{|delta_perm| >= |delta_obs|}) / (1 + n).
+    """
+    y = np.asarray(y_true)
+    a, b = np.asarray(score_a, dtype=np.float64), np.asarray(score_b, dtype=np.float64)
+    if a.shape != y.shape or b.shape != y.shape:
+        raise ValueError(f"labels {y.shape}, scores A {a.shape} and B {b.shape} must match")
+    a, b = stats.rankdata(a) / len(a), stats.rankdata(b) / len(b)
+    observed = metric(y, a) - metric(y, b)
+    members = _group_index(groups, len(y))
+    owner = np.empty(len(y), dtype=np.int64)
+    for g, rows in enumerate(members):
+        owner[rows] = g
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(n_permutations):
+        swap = rng.random(len(members)) < 0.5
+        swap_rows = swap[owner]
+        pa, pb = np.where(swap_rows, b, a), np.where(swap_rows, a, b)
+        hits += abs(metric(y, pa) - metric(y, pb)) >= abs(observed) - 1e-12
+    return float(observed), (1 + hits) / (1 + n_permutations)
+
+
+def few_shot_summary(values, level: float = 0.95) -> dict[str, float]:
+    """Mean, standard deviation and Student-t interval of a metric over few-shot repeats."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or len(v) == 0:
+        raise ValueError("few_shot_summary needs a 1-D list of repeat values")
+    mean = float(v.mean())
+    if len(v) == 1:
+        return {"mean": mean, "std": 0.0, "lo": mean, "hi": mean, "n": 1}
+    std = float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * std / np.sqrt(len(v)))
+    return {"mean": mean, "std": std, "lo": mean - half, "hi": mean + half, "n": len(v)}

@@ -1,0 +1,303 @@
+"""Ray Tune fan-out of the downstream runs: the fine-tuning matrix and the scratch-baseline sweep.
+
+- `run_finetune_sweep`: tasks x training sites x modes x K x seeds (`SweepConfig`), one Tune trial
+  per run. Frozen modes train probes on cached embeddings (seconds on a CPU: give them a fraction
+  of a CPU); full fine-tuning reads volumes (give it a GPU). Every trial predicts the test split
+  of every site, so in-domain and external validation come from the same trial.
+- `run_scratch_sweep`: randomly initialised ViTs, full training, over the 144-configuration grid
+  of SPEC section 3 per task and site, or an Optuna (TPE) search with ASHA early stopping that
+  tries far fewer configurations.
+
+Trials report `val_auroc` after every epoch (model selection, ASHA) and write their test
+predictions to `<storage>/<study>/predictions/<run key>.parquet`; the report reads that folder, so
+the fine-tuning matrix and the scratch sweep of one study (same name) are reported together.
+Results and checkpoints live on `storage_path` (local or s3://); running the same command again
+restores the experiment with `Tuner.restore(..., resume_unfinished=True)`: finished trials are
+kept, unfinished ones resume from their last checkpoint. Resources per trial come from the
+command line (`SweepLaunch`). Ray is imported inside the functions only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import itertools
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from fmct_ray.data.embed import load_embeddings
+from fmct_ray.storage import StorageConfig, atomic_write, filesystem, join
+from fmct_ray.train.finetune import FinetuneConfig, run_finetune
+
+METRIC = "val_auroc"
+
+
+@dataclass(frozen=True)
+class SweepLaunch:
+    """Where and how a sweep runs (command line, not the recipe).
+
+    Args:
+        name: study name: Tune experiments go to `<storage_path>/<name>/tune/<experiment>`, run
+            predictions to `<storage_path>/<name>/predictions/`; the same name resumes.
+        storage_path: local folder or s3://bucket/prefix for results, checkpoints, predictions.
+        labels: labels.parquet (jobs/labels.py) of every site.
+        embeddings: embeddings Parquet (fast path of the frozen modes).
+        stores: site -> store URI (volume path: full fine-tuning, scratch).
+        cpus_per_trial: CPUs per trial (fractions allowed for small probes).
+        gpus_per_trial: GPUs per trial (fractions allowed for small probes).
+        max_concurrent: concurrent trials (0: as many as the resources allow).
+        storage: credentials reference of the storage path.
+    """
+
+    name: str
+    storage_path: str
+    labels: str
+    embeddings: str | None = None
+    stores: dict[str, str] = field(default_factory=dict)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 0
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    @property
+    def experiment_uri(self) -> str:
+        return join(self.storage_path.rstrip("/"), self.name)
+
+
+# -- the runs -------------------------------------------------------------------------------------
+def _sites(cfg: FinetuneConfig, launch: SweepLaunch) -> list[str]:
+    return list(cfg.sweep.sites) or sorted(pd.read_parquet(launch.labels, columns=["site"])["site"].unique())
+
+
+def finetune_runs(cfg: FinetuneConfig, sites: list[str]) -> list[dict[str, Any]]:
+    """One dict per trial of the fine-tuning matrix."""
+    runs = []
+    for task, site, mode, shots in itertools.product(
+        cfg.sweep.tasks or (cfg.task,), sites, cfg.sweep.modes, cfg.sweep.shots
+    ):
+        for seed in range(cfg.sweep.seeds if shots else cfg.sweep.full_data_seeds):
+            runs.append(
+                {"kind": "finetune", "task": task, "site": site, "mode": mode, "shots": shots, "seed": seed}
+            )
+    return runs
+
+
+def scratch_grid(cfg: FinetuneConfig) -> list[dict[str, Any]]:
+    """The 3 x 4 x 4 x 3 = 144 scratch configurations of SPEC section 3 (with the default lists)."""
+    s = cfg.sweep
+    return [
+        {"lr": lr, "weight_decay": wd, "epochs": ep, "optimizer": opt}
+        for lr, wd, ep, opt in itertools.product(
+            s.scratch_lrs, s.scratch_weight_decays, s.scratch_epochs, s.scratch_optimizers
+        )
+    ]
+
+
+def run_key(run: dict[str, Any]) -> str:
+    """Stable file name of a run's predictions (the same run always writes the same file)."""
+    key = f"{run['kind']}-{run['task']}-{run['site']}-{run['mode']}-k{run['shots']}-s{run['seed']}"
+    if run["kind"] == "scratch":
+        key += f"-lr{run['lr']:g}-wd{run['weight_decay']:g}-e{run['epochs']}-{run['optimizer']}"
+    return key
+
+
+def run_config(cfg: FinetuneConfig, run: dict[str, Any]) -> FinetuneConfig:
+    """The base config with one run's settings applied."""
+    train = dataclasses.replace(cfg.train, shots=run["shots"], seed=run["seed"])
+    out = dataclasses.replace(cfg, task=run["task"], mode=run["mode"], train=train)
+    if run["kind"] == "scratch":
+        optim = dataclasses.replace(
+            cfg.optim,
+            optimizer=run["optimizer"],
+            backbone_lr=run["lr"],
+            head_lr=run["lr"],
+            weight_decay=run["weight_decay"],
+        )
+        backbone = dataclasses.replace(cfg.backbone, path=None, seed=run["seed"])
+        out = dataclasses.replace(
+            out,
+            optim=optim,
+            backbone=backbone,
+            fast_path=False,
+            train=dataclasses.replace(train, epochs=run["epochs"]),
+        )
+    return out
+
+
+# -- inside a trial ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def load_table(labels: str, embeddings: str | None, storage: StorageConfig | None = None) -> pd.DataFrame:
+    """Labels, joined with the cached embeddings when given (read once per worker process)."""
+    table = pd.read_parquet(labels)
+    if embeddings:
+        emb = load_embeddings(embeddings, storage).drop(
+            columns=["patient_id", "site", "split"], errors="ignore"
+        )
+        table = table.merge(emb, on="scan_id", how="inner")
+    return table
+
+
+def write_predictions(launch: SweepLaunch, run: dict[str, Any], preds: pd.DataFrame, result) -> str:
+    meta = {**run, "val_auroc": result.best_val_auroc, "best_epoch": result.best_epoch}
+    frame = preds.rename(columns={"site": "eval_site"}).assign(
+        train_site=run["site"], **{k: v for k, v in meta.items() if k != "site"}
+    )
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    fs, root = filesystem(launch.experiment_uri, launch.storage)
+    path = join(root, "predictions", run_key(run) + ".parquet")
+    atomic_write(fs, path, buf.getvalue())
+    return path
+
+
+def trial(config: dict[str, Any], cfg: FinetuneConfig, launch: SweepLaunch) -> None:
+    """One Tune trial: train, report val AUROC per epoch (checkpointed on the volume path), predict."""
+    from ray import tune
+
+    run = config.get("run", config)
+    run = {**run, **{k: v for k, v in config.items() if k != "run"}}
+    rcfg = run_config(cfg, run)
+    volumes = not (rcfg.fast_path and rcfg.mode != "full")
+    table = load_table(launch.labels, None if volumes else launch.embeddings, launch.storage)
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None and volumes:
+        with checkpoint.as_directory() as d:
+            resume = torch.load(Path(d) / "state.pt", weights_only=False)
+
+    def report(metrics: dict, state) -> None:
+        if not volumes:  # probes re-train in seconds: no checkpoint traffic
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state(), Path(d) / "state.pt")
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    result, preds = run_finetune(rcfg, table, run["site"], launch.stores, report, resume)
+    write_predictions(launch, run, preds, result)
+
+
+# -- building and running the Tuner ---------------------------------------------------------------
+def _storage(launch: SweepLaunch):
+    from fmct_ray.train.checkpoint import storage_filesystem
+
+    return storage_filesystem(join(launch.experiment_uri, "tune"), launch.storage)
+
+
+def build_tuner(
+    cfg: FinetuneConfig,
+    launch: SweepLaunch,
+    param_space: dict,
+    name: str,
+    search_alg=None,
+    scheduler=None,
+    num_samples: int = 1,
+):
+    """A Tuner over `trial` named `name` under `<storage>/<study>/tune/`, or that experiment restored
+    when it already exists there (finished trials kept, unfinished ones resumed)."""
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, cfg=cfg, launch=launch),
+        {"cpu": launch.cpus_per_trial, "gpu": launch.gpus_per_trial},
+    )
+    path, fs = _storage(launch)
+    exp_path = join(path, name) if fs is not None else str(Path(path) / name)
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        return tune.Tuner.restore(
+            exp_path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=launch.max_concurrent or None,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=fs,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
+
+
+def _fit(tuner) -> pd.DataFrame:
+    grid = tuner.fit()
+    frame = grid.get_dataframe()
+    errors = [str(r.error) for r in grid if r.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} trial(s) failed; first: {errors[0]}")
+    return frame
+
+
+def run_finetune_sweep(cfg: FinetuneConfig, launch: SweepLaunch) -> pd.DataFrame:
+    """The fine-tuning matrix as one Tune experiment; returns Tune's results table."""
+    import ray
+    from ray import tune
+
+    ray.init(ignore_reinit_error=True)
+    runs = finetune_runs(cfg, _sites(cfg, launch))
+    return _fit(build_tuner(cfg, launch, {"run": tune.grid_search(runs)}, "finetune"))
+
+
+def run_scratch_sweep(cfg: FinetuneConfig, launch: SweepLaunch) -> pd.DataFrame:
+    """The scratch baseline per task and site: the full grid, or Optuna + ASHA."""
+    import ray
+    from ray import tune
+
+    ray.init(ignore_reinit_error=True)
+    base = [
+        {"kind": "scratch", "task": t, "site": s, "mode": "full", "shots": 0, "seed": 0}
+        for t in (cfg.sweep.tasks or (cfg.task,))
+        for s in _sites(cfg, launch)
+    ]
+    if cfg.sweep.search == "grid":
+        runs = [{**b, **g} for b in base for g in scratch_grid(cfg)]
+        return _fit(build_tuner(cfg, launch, {"run": tune.grid_search(runs)}, "scratch"))
+    frames = [_fit(_optuna_tuner(cfg, launch, b)) for b in base]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _optuna_tuner(cfg: FinetuneConfig, launch: SweepLaunch, base: dict[str, Any]):
+    """One Optuna search (TPE over the grid's values) with ASHA stopping for one task and site."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = cfg.sweep
+    space = {
+        "lr": tune.choice(list(s.scratch_lrs)),
+        "weight_decay": tune.choice(list(s.scratch_weight_decays)),
+        "epochs": tune.choice(list(s.scratch_epochs)),
+        "optimizer": tune.choice(list(s.scratch_optimizers)),
+        "run": base,
+    }
+    asha = ASHAScheduler(
+        time_attr="epoch",
+        max_t=max(s.scratch_epochs),
+        grace_period=s.asha_grace_epochs,
+        reduction_factor=s.asha_reduction,
+    )
+    name = f"scratch-optuna-{base['task']}-{base['site']}"
+    return build_tuner(
+        cfg,
+        launch,
+        space,
+        name=name,
+        search_alg=OptunaSearch(seed=0),
+        scheduler=asha,
+        num_samples=s.optuna_trials,
+    )

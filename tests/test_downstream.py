@@ -1,0 +1,213 @@
+"""Downstream end to end on CPU: two site stores with planted findings (hydrocephalus = enlarged
+ventricles, the easy task; hemorrhage = small bright blobs), a brief scratch fine-tune whose backbone
+is exported, embeddings by the Ray Data job, a probe sweep and a scratch sweep on Ray Tune, and the
+report, whose statistics are checked against scikit-learn."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from fmct_ray import config as C
+from fmct_ray.data.embed import EmbedConfig, extract_embeddings, load_embeddings
+from fmct_ray.eval.attention import attention_distance, patch_distances
+from fmct_ray.eval.report import ReportConfig, attention_input, write_report
+from fmct_ray.ingest.store import SiteStore, StoreConfig
+from fmct_ray.models import create_model, save_backbone
+from fmct_ray.synthetic import synthetic_head
+from fmct_ray.train.finetune import FinetuneConfig, balanced_draw, few_shot_pool, run_finetune
+from fmct_ray.train.tune import (
+    SweepLaunch,
+    finetune_runs,
+    run_finetune_sweep,
+    run_scratch_sweep,
+    scratch_grid,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "finetune" / "debug_tiny.yaml"
+SCANS_PER_SITE = 24
+
+
+def write_labelled_store(uri: str, site: str, n: int, seed: int) -> pd.DataFrame:
+    """n synthetic heads (224^3 as ingest stores them) with alternating hydrocephalus and random
+    hemorrhage; split train / val / test = 1/2, 1/4, 1/4 by patient (two scans per patient)."""
+    rng = np.random.default_rng(seed)
+    store = SiteStore(uri)
+    store.init(site)
+    rows = []
+    splits = ["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4)
+    for i in range(n):
+        findings = {"hydrocephalus": bool(i % 2), "hemorrhage": bool(rng.random() < 0.5)}
+        head = synthetic_head(rng, findings=findings)
+        vol = np.full((224,) * 3, -1024, np.int16)
+        lo = [(224 - k) // 2 for k in head.shape]
+        vol[tuple(slice(a, a + k) for a, k in zip(lo, head.shape))] = np.round(head).astype(np.int16)
+        scan, patient = f"{site}-{i:03d}", f"{site}-p{i // 2}"
+        digest = store.write_volume(scan, vol, np.eye(4), StoreConfig(verify_writes=False))
+        store.commit(
+            {"scan_id": scan, "patient_id": patient, "site": site, "split": splits[i], "checksum": digest}
+        )
+        rows.append(
+            {
+                "scan_id": scan,
+                "patient_id": patient,
+                "site": site,
+                "split": splits[i],
+                "Hydrocephalus": int(findings["hydrocephalus"]),
+                "Hemorrhage": int(findings["hemorrhage"]),
+            }
+        )
+    store.consolidate()
+    return pd.DataFrame(rows).astype({"Hydrocephalus": "Int8", "Hemorrhage": "Int8"})
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    stores = {s: str(root / "stores" / s) for s in ("A", "B")}
+    labels = pd.concat(
+        [write_labelled_store(uri, s, SCANS_PER_SITE, k) for k, (s, uri) in enumerate(stores.items())]
+    )
+    labels.to_parquet(root / "labels.parquet", index=False)
+    return {"root": root, "stores": stores, "labels": str(root / "labels.parquet"), "table": labels}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tuned_backbone(study):
+    """A random-init vit3d_tiny fine-tuned briefly on site A (full mode), exported as a backbone file."""
+    torch.set_num_threads(2)
+    cfg = C.load(FinetuneConfig, DEBUG, ["mode=full", "train.epochs=8", "optim.backbone_lr=1e-3"])
+    result, preds = run_finetune(cfg, study["table"], "A", study["stores"])
+    path = save_backbone(study["root"] / "tuned_backbone.pt", result.model.backbone)
+    return {"path": str(path), "result": result, "preds": preds}
+
+
+# -- unit ------------------------------------------------------------------------------------------
+def test_draws_are_balanced_and_few_shot_pools_exact():
+    y = np.array([1] * 5 + [0] * 95)
+    idx = balanced_draw(y, 500, np.random.default_rng(0))
+    assert len(idx) == 500 and y[idx].sum() == 250
+    pool = few_shot_pool(y, 4, seed=3)
+    assert len(pool) == 8 and y[pool].sum() == 4
+    assert np.array_equal(pool, few_shot_pool(y, 4, seed=3)) and not np.array_equal(
+        pool, few_shot_pool(y, 4, 4)
+    )
+    with pytest.raises(ValueError, match="8-shot"):
+        few_shot_pool(y, 8, seed=0)
+
+
+def test_sweep_matrix_and_scratch_grid_sizes():
+    cfg = C.load(FinetuneConfig, ROOT / "configs" / "finetune" / "scratch_vitb.yaml")
+    assert len(scratch_grid(cfg)) == 144
+    cfg = C.load(FinetuneConfig, ROOT / "configs" / "finetune" / "fmct_vitb.yaml")
+    runs = finetune_runs(cfg, ["A", "B"])  # 10 tasks x 2 sites x 3 modes x (1 + 6 K x 5 seeds)
+    assert len(runs) == 10 * 2 * 3 * (1 + 6 * 5)
+
+
+def test_attention_distance_known_answer():
+    """Uniform attention over a 2x2x2 patch grid: every patch's mean distance is the mean of its
+    distances to all 8 patch centres (0, 3 x 1, 3 x sqrt 2, sqrt 3 patch edges)."""
+    model = create_model("vit3d_tiny", img_size=16)
+    for blk in model.blocks:  # zero q/k weights and biases -> uniform softmax
+        torch.nn.init.zeros_(blk.attn.qkv.weight)
+        torch.nn.init.zeros_(blk.attn.qkv.bias)
+    d = attention_distance(model, torch.randn(1, 3, 16, 16, 16), voxel_mm=2.0)
+    edge = 8 * 2.0
+    expected = edge * (3 + 3 * np.sqrt(2) + np.sqrt(3)) / 8
+    assert d.shape == (1, 4, 2, 2, 2) and torch.allclose(d, torch.full_like(d, expected))
+    assert patch_distances((1, 1, 2), 5.0)[0, 1] == 5.0
+
+
+# -- end to end -------------------------------------------------------------------------------------
+def test_scratch_finetune_learns_the_easy_task(tuned_backbone):
+    preds = tuned_backbone["preds"]
+    for site in ("A", "B"):  # B: external validation, evaluated as-is
+        p = preds[preds["site"] == site]
+        assert roc_auc_score(p["label"], p["score"]) > 0.9, site
+
+
+def test_probe_sweep_scratch_sweep_and_report(study, ray_local, tuned_backbone, capsys):
+    root, stores = study["root"], study["stores"]
+    ecfg = C.load(
+        EmbedConfig,
+        None,
+        [
+            f"backbone.path={tuned_backbone['path']}",
+            "view.size=32",
+            "tokens=true",
+            "actors=2",
+            "cpus_per_actor=0.5",
+        ],
+    )
+    assert extract_embeddings(ecfg, stores, str(root / "emb.parquet")) == 2 * SCANS_PER_SITE
+    assert {"cls", "patch_mean", "tokens"} <= set(load_embeddings(str(root / "emb.parquet")).columns)
+    launch = SweepLaunch(
+        name="study",
+        storage_path=str(root / "runs"),
+        labels=study["labels"],
+        embeddings=str(root / "emb.parquet"),
+        stores=stores,
+        cpus_per_trial=0.5,
+    )
+    cfg = C.load(
+        FinetuneConfig,
+        DEBUG,
+        [
+            "sweep.tasks=[Hydrocephalus]",
+            "sweep.modes=[linear, attentive]",
+            "sweep.shots=[0, 4]",
+            "sweep.seeds=2",
+        ],
+    )
+    frame = run_finetune_sweep(cfg, launch)
+    assert len(frame) == 2 * 2 * (1 + 2)  # sites x modes x (all data + 2 seeds of K=4)
+    scratch = run_scratch_sweep(
+        C.load(FinetuneConfig, DEBUG, ["sweep.tasks=[Hydrocephalus]", "sweep.scratch_epochs=[1]"]), launch
+    )
+    assert len(scratch) == 2 * 2  # sites x (1 lr x 1 wd x 1 epochs x 2 optimisers)
+    written = write_report(
+        str(root / "runs" / "study"),
+        root / "report",
+        ReportConfig(200, 200),
+        attention=attention_input(tuned_backbone["path"], stores["A"], "A-001", cfg.view),
+    )
+    for key in (
+        "results_csv",
+        "results_md",
+        "fewshot_Hydrocephalus",
+        "auroc_bars",
+        "external_Hydrocephalus",
+        "attention",
+    ):
+        assert written[key].exists() and written[key].stat().st_size > 0, key
+    table = pd.read_csv(written["results_csv"])
+    linear = table[table["mode"] == "linear"].set_index("site")
+    assert (linear["auroc"] > 0.9).all(), linear
+    assert table.loc[table["mode"] == "linear", "p_vs_scratch"].between(0, 1).all()
+    check_against_sklearn(root / "runs" / "study" / "predictions", table)
+    with capsys.disabled():
+        print("\n" + written["results_md"].read_text())
+
+
+def check_against_sklearn(folder, table):
+    preds = pd.concat([pd.read_parquet(f) for f in folder.glob("finetune-*-k0-*.parquet")])
+    for row in table[table["mode"] != "scratch"].itertuples():
+        p = preds[
+            (preds["mode"] == row.mode) & (preds["train_site"] == row.site) & (preds["eval_site"] == row.site)
+        ]
+        assert row.auroc == pytest.approx(roc_auc_score(p["label"], p["score"]))
+        assert row.ap == pytest.approx(average_precision_score(p["label"], p["score"]))
+        assert row.auroc_lo <= row.auroc <= row.auroc_hi

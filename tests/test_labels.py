@@ -1,0 +1,185 @@
+"""Label derivation on small hand-made tables with known answers (window edges, prefix codes,
+medications, derived tasks, missing and contradictory labels)."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fmct_ray import config as C
+from fmct_ray.eval.labels import LabelConfig, derive_ehr_labels, join_public_labels, make_labels
+from fmct_ray.ingest.pipeline import pseudonym
+
+ROOT = Path(__file__).resolve().parents[1]
+EHR_TASKS = ROOT / "configs" / "labels" / "ehr_tasks.yaml"
+T0 = pd.Timestamp("2024-01-10 08:00")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return C.load(LabelConfig, EHR_TASKS)
+
+
+def ehr_rows():
+    day = pd.Timedelta(days=1)
+    return pd.DataFrame(
+        [
+            # p1: SAH by prefix code I60.7 on day 89 (inside); IPH I61.0 one second before the scan (outside)
+            ("p1", T0 + 89 * day, "I60.7", "diagnosis"),
+            ("p1", T0 - pd.Timedelta(seconds=1), "I61.0", "diagnosis"),
+            # p2: IVH I61.5 exactly at the scan time (inside) -> IVH and derived ICH; SDH on day 90 (outside)
+            ("p2", T0, "I615", "diagnosis"),
+            ("p2", T0 + 90 * day, "S06.5", "diagnosis"),
+            # p3: dementia by medication only (free-text drug entry); G91.1 matches the prefix G91.*
+            ("p3", T0 + 5 * day, "Donepezil 10 mg tablet", "medication"),
+            ("p3", T0 + 6 * day, "G91.1", "diagnosis"),
+            # p4: S06.5X0A is not S06.5 (exact match unless subcodes); G30.1 matches the prefix G30.*
+            ("p4", T0 + day, "S06.5X0A", "diagnosis"),
+            ("p4", T0 + day, "G30.1", "diagnosis"),
+            # p5: a diagnosis row whose text is a drug name does not count as a medication
+            ("p5", T0 + day, "memantine", "diagnosis"),
+        ],
+        columns=["patient_id", "time", "code", "kind"],
+    )
+
+
+def scans():
+    return pd.DataFrame(
+        {
+            "scan_id": ["s1", "s2", "s3", "s4", "s5", "s6", "s7"],
+            "patient_id": ["p1", "p2", "p3", "p4", "p5", "p6", "p1"],
+            "scan_time": [T0] * 6 + [pd.NaT],  # s6: patient without records; s7: no scan time
+        }
+    )
+
+
+def test_ehr_labels_known_answers(cfg):
+    labels, report = derive_ehr_labels(ehr_rows(), scans(), cfg)
+    got = labels.set_index("scan_id")
+    expect_pos = {
+        "s1": {"SAH"},
+        "s2": {"IVH", "ICH"},
+        "s3": {"ADRD", "Hydrocephalus"},
+        "s4": {"ADRD"},
+        "s5": set(),
+    }
+    for scan, positives in expect_pos.items():
+        for task in cfg.tasks:
+            assert got.loc[scan, task] == int(task in positives), (scan, task)
+    # never silently negative: no records / no scan time -> missing, and reported per task
+    assert got.loc[["s6", "s7"]].isna().all().all()
+    table = report.table(labels, list(cfg.tasks)).set_index("task")
+    assert table.loc["SAH", "positive"] == 1 and table.loc["SAH", "missing"] == 2
+    assert "no scan time: 1" in table.loc["IPH", "reasons"]
+    assert "patient has no EHR records: 1" in table.loc["IPH", "reasons"]
+
+
+def test_subcodes_option_matches_icd10cm_extensions(cfg):
+    import dataclasses
+
+    labels, _ = derive_ehr_labels(ehr_rows(), scans(), dataclasses.replace(cfg, subcodes=True))
+    assert labels.set_index("scan_id").loc["s4", "SDH"] == 1  # S06.5X0A extends S06.5
+
+
+def test_without_kind_column_drug_names_and_codes_both_match(cfg):
+    labels, _ = derive_ehr_labels(ehr_rows().drop(columns="kind"), scans(), cfg)
+    assert labels.set_index("scan_id").loc["s5", "ADRD"] == 1
+
+
+def test_window_length_is_configurable(cfg):
+    import dataclasses
+
+    labels, _ = derive_ehr_labels(ehr_rows(), scans(), dataclasses.replace(cfg, window_days=91))
+    assert labels.set_index("scan_id").loc["s2", "SDH"] == 1  # day 90 now inside
+
+
+def test_contradictory_scan_times_become_missing(cfg):
+    two = pd.concat(
+        [
+            scans(),
+            pd.DataFrame(
+                {"scan_id": ["s1"], "patient_id": ["p1"], "scan_time": [T0 - pd.Timedelta(days=200)]}
+            ),
+        ]
+    )
+    labels, report = derive_ehr_labels(ehr_rows(), two, cfg)
+    got = labels.set_index("scan_id")
+    assert pd.isna(got.loc["s1", "SAH"]) and got.loc["s1", "IPH"] == 0  # agree on IPH, disagree on SAH
+    assert {"task": "SAH", "reason": "contradictory rows for the same scan", "scans": 1} in report.rows
+
+
+def test_raw_patient_ids_are_pseudonymised(cfg, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setenv("FMCT_SITE_SECRET", "s3cret")
+    ehr = ehr_rows()
+    sc = scans().assign(patient_id=lambda f: [pseudonym(b"s3cret", "patient", p) for p in f.patient_id])
+    labels, _ = derive_ehr_labels(ehr, sc, dataclasses.replace(cfg, patient_ids="raw"))
+    assert labels.set_index("scan_id").loc["s1", "SAH"] == 1
+
+
+def test_bad_tables_and_definitions_are_named():
+    with pytest.raises(ValueError, match="EHR table: missing column"):
+        derive_ehr_labels(pd.DataFrame({"patient_id": [], "time": []}), scans(), LabelConfig())
+    with pytest.raises(C.ConfigError, match="includes unknown task"):
+        C.load(LabelConfig, None, ["tasks={A: {include: [B]}}"])
+    with pytest.raises(C.ConfigError, match="cycle"):
+        C.load(LabelConfig, None, ["tasks={A: {include: [B]}, B: {include: [A]}}"])
+
+
+def public_cfg():
+    return C.load(LabelConfig, ROOT / "configs" / "labels" / "rsna.yaml", ["id_kind=scan_id"])
+
+
+def test_public_labels_join_and_report():
+    manifest = pd.DataFrame({"scan_id": ["a", "b", "c", "d", "e"]})
+    table = pd.DataFrame(
+        {
+            "SeriesInstanceUID": ["a", "b", "c", "c", "e", "zz"],
+            "any": [1, 0, 1, 1, 0, 1],
+            "intraparenchymal": ["yes", 0, 1, 0, 1, 0],
+            "intraventricular": [0, 0, None, None, 0, 0],
+            "subarachnoid": [0, 0, 0, 0, 0, "maybe"],
+            "subdural": [0, "0", "", 0, 0, 0],
+        }
+    )
+    labels, report = join_public_labels(table, manifest, public_cfg())
+    got = labels.set_index("scan_id")
+    assert got.loc["a", "IPH"] == 1 and got.loc["b", "Any"] == 0
+    assert pd.isna(got.loc["c", "IPH"])  # two rows disagree
+    assert got.loc["c", "SDH"] == 0  # one empty, one 0: the known value is kept
+    assert pd.isna(got.loc["c", "IVH"])  # empty in both rows
+    assert got.loc["d"].isna().all()  # no row for d
+    assert pd.isna(got.loc["e", "Any"]) and got.loc["e", "IPH"] == 1  # Any=0 contradicts IPH=1
+    reasons = {(r["task"], r["reason"]): r["scans"] for r in report.rows}
+    assert reasons[("IPH", "contradictory rows for the same scan")] == 1
+    assert reasons[("Any", "negative while an included task (IPH, IVH, SAH, SDH) is positive")] == 1
+    assert reasons[("SAH", "label rows for scans not in the manifest (ignored)")] == 1
+    assert ("SAH", "invalid value in column 'subarachnoid'") not in reasons  # zz is not in the manifest
+    assert reasons[("IPH", "no row in the label file")] == 1
+
+
+def test_make_labels_writes_files(tmp_path, cfg):
+    manifest = pd.DataFrame(
+        {
+            "scan_id": ["s1", "s2", "s6"],
+            "patient_id": ["p1", "p2", "p6"],
+            "site": "A",
+            "split": ["train", "val", "test"],
+        }
+    )
+    ehr = tmp_path / "ehr.csv"
+    ehr_rows().to_csv(ehr, index=False)
+    times = tmp_path / "times.csv"
+    pd.DataFrame({"scan_id": ["s1", "s2", "s6"], "scan_time": [T0] * 3}).to_csv(times, index=False)
+    labels, table = make_labels(cfg, manifest, tmp_path / "out", ehr=ehr, scan_times=times)
+    assert list(labels.columns[:4]) == ["scan_id", "patient_id", "site", "split"]
+    back = pd.read_parquet(tmp_path / "out" / "labels.parquet")
+    assert back.set_index("scan_id").loc["s1", "SAH"] == 1 and pd.isna(
+        back.set_index("scan_id").loc["s6", "SAH"]
+    )
+    assert "| task |" in (tmp_path / "out" / "label_report.md").read_text()
+    with pytest.raises(ValueError, match="scan-times"):
+        make_labels(cfg, manifest, tmp_path / "o2", ehr=ehr)
+    with pytest.raises(ValueError, match="cannot read table"):
+        make_labels(cfg, manifest, tmp_path / "o3", ehr=tmp_path / "nope.csv", scan_times=times)
