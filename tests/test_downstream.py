@@ -211,3 +211,27 @@ def check_against_sklearn(folder, table):
         assert row.auroc == pytest.approx(roc_auc_score(p["label"], p["score"]))
         assert row.ap == pytest.approx(average_precision_score(p["label"], p["score"]))
         assert row.auroc_lo <= row.auroc <= row.auroc_hi
+
+
+def test_scratch_optuna_asha_variant(study, ray_local):
+    """The Optuna (TPE) + ASHA scratch search: a few trials per task and site, all finished, each
+    with a validation AUROC, configurations drawn from the grid's values."""
+    launch = SweepLaunch(
+        name="optuna",
+        storage_path=str(study["root"] / "runs"),
+        labels=study["labels"],
+        stores=study["stores"],
+        cpus_per_trial=0.5,
+    )
+    overrides = [
+        "sweep.tasks=[Hydrocephalus]",
+        "sweep.search=optuna",
+        "sweep.optuna_trials=3",
+        "sweep.scratch_epochs=[1, 2]",
+        "sweep.asha_grace_epochs=1",
+    ]
+    frame = run_scratch_sweep(C.load(FinetuneConfig, DEBUG, overrides), launch)
+    assert len(frame) == 2 * 3  # sites x trials
+    assert frame["val_auroc"].between(0, 1).all()
+    assert set(frame["config/epochs"]) <= {1, 2} and set(frame["config/optimizer"]) <= {"adamw", "sgd"}
+    assert (study["root"] / "runs" / "optuna" / "tune" / "scratch-optuna-Hydrocephalus-A").exists()
