@@ -8,12 +8,8 @@ Each site trains on its own nodes (its `resource` in the sites file); only weigh
 by site size each round. The same --name and --storage resume from the latest round.
 """
 
-import dataclasses
-
-from fmct_ray.cli import load_config
 from fmct_ray.train.federated import FederatedConfig, run_federated
-from fmct_ray.train.launch import job_parser, sites_from_args
-from fmct_ray.train.pretrain import PretrainConfig
+from fmct_ray.train.launch import job_parser, recipe_from_args
 
 if __name__ == "__main__":
     p = job_parser(__doc__)
@@ -22,9 +18,7 @@ if __name__ == "__main__":
     p.add_argument("--stop-after", type=int, help="end this invocation after this many rounds (resumable)")
     p.add_argument("--gpus-per-site", type=float, default=0.0)
     args = p.parse_args()
-    cfg = load_config(PretrainConfig, args)
-    sites = sites_from_args(args) or cfg.data.sites
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sites=sites))
+    cfg = recipe_from_args(args)
     fed = FederatedConfig(
         rounds=args.rounds,
         local_steps=args.local_steps,
@@ -33,5 +27,5 @@ if __name__ == "__main__":
         gpus_per_site=args.gpus_per_site,
         keep_checkpoints=cfg.train.keep_checkpoints,
     )
-    state = run_federated(cfg, fed, sites, args.storage, args.name)
+    state = run_federated(cfg, fed, cfg.data.sites, args.storage, args.name)
     print("federated run at round", state and state["round"], "of", fed.rounds)

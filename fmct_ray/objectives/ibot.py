@@ -12,30 +12,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from fmct_ray.objectives._dist import all_reduce_sum
+from fmct_ray.objectives.dino import DINOLoss
 
 
-class IBOTPatchLoss(nn.Module):
-    """iBOT loss on masked patch tokens.
+class IBOTPatchLoss(DINOLoss):
+    """iBOT loss on masked patch tokens; centre and sharpening as in `DINOLoss` (its own centre).
 
     Args:
         out_dim: patch prototypes K.
         student_temp: student temperature (0.1).
         center_momentum: EMA momentum of the patch centre (0.9).
     """
-
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    @torch.no_grad()
-    def teacher_probs(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """softmax((t - c) / teacher_temp) for (M, K) masked-token logits."""
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
 
     def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
         """Per-image mean over masked tokens of -sum_k P_t log P_s, averaged over masked images.

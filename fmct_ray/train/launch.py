@@ -48,13 +48,18 @@ def sites_from_args(args: argparse.Namespace) -> tuple[SiteSpec, ...]:
     return tuple(sites)
 
 
+def recipe_from_args(args: argparse.Namespace) -> PretrainConfig:
+    """The recipe (--config, --set) with the sites of the command line, when it names any."""
+    cfg = load_config(PretrainConfig, args)
+    sites = sites_from_args(args) or cfg.data.sites
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sites=sites))
+
+
 def run_job(objective: str, doc: str) -> None:
     args = job_parser(doc).parse_args()
-    cfg = load_config(PretrainConfig, args)
+    cfg = recipe_from_args(args)
     if cfg.objective != objective:
         raise SystemExit(f"recipe objective is {cfg.objective!r}; this job trains {objective!r}")
-    sites = sites_from_args(args) or cfg.data.sites
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sites=sites))
     launch = LaunchConfig(
         name=args.name,
         storage_path=args.storage,
