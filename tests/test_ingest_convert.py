@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +15,8 @@ from synthetic import dicom_series, nifti_bytes, patch_nifti_header, synthetic_h
 
 from fmct_ray.config import load
 from fmct_ray.ingest.geometry import PreprocessConfig, convert
+from fmct_ray.ingest.pipeline import IngestConfig
+from fmct_ray.ingest.privacy import date_shift_days, pseudonym, shift_time
 from fmct_ray.ingest.quality import QualityConfig, check_header, check_intensities
 from fmct_ray.ingest.readers import (
     QuarantineError,
@@ -23,6 +26,7 @@ from fmct_ray.ingest.readers import (
     read_nifti,
     slice_geometry,
 )
+from fmct_ray.ingest.scan_time import dicom_datetime
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 DICOM_DIR = REAL / "invesalius_0051_dicom"
@@ -425,3 +429,124 @@ def test_quarantine_error_is_value_error():
         isinstance(err, ValueError) and str(err) == "some/path.nii: bad thing" and err.reason == "bad thing"
     )
     assert isinstance(RawScan(np.zeros((2, 2, 2)), np.eye(4)).meta, dict)
+
+
+# -- scan time and date shifting ------------------------------------------------------------------------
+def retag(files: list[tuple[str, bytes]], edit) -> list[tuple[str, bytes]]:
+    """The series with `edit(slice_index, dataset)` applied to every file (slice index = InstanceNumber-1)."""
+    import io
+
+    import pydicom
+
+    out = []
+    for name, data in files:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        edit(int(ds.InstanceNumber) - 1, ds)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append((name, buf.getvalue()))
+    return out
+
+
+def dated(k: int, ds, levels=("Acquisition", "Series", "Study")) -> None:
+    """Study 08:00, series 08:05, acquisition 08:10 + 2 s per slice, on 2019-03-07; only `levels` kept."""
+    times = {"Study": "080000", "Series": "080500", "Acquisition": f"0810{2 * k:02d}.250"}
+    for level, tm in times.items():
+        if level in levels:
+            setattr(ds, f"{level}Date", "20190307")
+            setattr(ds, f"{level}Time", tm)
+
+
+@pytest.mark.parametrize(
+    ("levels", "expected"),
+    [
+        (("Acquisition", "Series", "Study"), datetime(2019, 3, 7, 8, 10, 0, 250000)),  # earliest slice
+        (("Series", "Study"), datetime(2019, 3, 7, 8, 5)),
+        (("Study",), datetime(2019, 3, 7, 8, 0)),
+        ((), None),
+    ],
+)
+def test_dicom_scan_time_fallback_order(levels, expected):
+    files = retag(dicom_series(ramp_volume()), lambda k, ds: dated(k, ds, levels))
+    raw = read_dicom_series(files)
+    assert raw.acquired == expected
+    assert "2019" not in repr(raw.meta) and "20190307" not in repr(raw.meta), "a date leaked into meta"
+
+
+def test_dicom_scan_time_partial_and_broken_tags():
+    # Acquisition level on some slices only: it still wins, earliest over the slices that have it.
+    def some(k, ds):
+        dated(k, ds, ("Series",) if k < 4 else ("Acquisition", "Series"))
+
+    assert read_dicom_series(retag(dicom_series(ramp_volume()), some)).acquired == datetime(
+        2019, 3, 7, 8, 10, 8, 250000
+    )
+
+    # An unreadable AcquisitionDate makes the level absent (-> series); a date without time is midnight.
+    def broken(k, ds):
+        dated(k, ds)
+        with pytest.warns(UserWarning, match="Invalid value for VR DA"):  # pydicom writes it all the same
+            ds.AcquisitionDate = "2019-13-45"
+        del ds.SeriesTime
+
+    assert read_dicom_series(retag(dicom_series(ramp_volume()), broken)).acquired == datetime(2019, 3, 7)
+
+
+@pytest.mark.parametrize(
+    ("da", "tm", "expected"),
+    [
+        ("20240110", "083015.5", datetime(2024, 1, 10, 8, 30, 15, 500000)),
+        ("20240110", "0830", datetime(2024, 1, 10, 8, 30)),
+        ("20240110", "08", datetime(2024, 1, 10, 8)),
+        ("2024.01.10", "08:30:15", datetime(2024, 1, 10, 8, 30, 15)),  # ACR-NEMA style
+        ("20240110", "", datetime(2024, 1, 10)),
+        ("20240110", "250000", datetime(2024, 1, 10)),  # invalid hour: the date alone
+        ("20240230", "083015", None),  # 30 February
+        ("", "083015", None),
+        (None, None, None),
+    ],
+)
+def test_dicom_datetime(da, tm, expected):
+    assert dicom_datetime(da, tm) == expected
+
+
+def test_nifti_has_no_scan_time(head):
+    assert read_nifti(nifti_bytes(head, AFFINE), "a.nii.gz").acquired is None
+
+
+def test_date_shift_deterministic_bounded_and_per_patient():
+    patients = [pseudonym(b"k", "patient", f"MRN{i}") for i in range(3000)]
+    shifts = np.array([date_shift_days(b"site-secret", p, 365) for p in patients])
+    again = np.array([date_shift_days(b"site-secret", p, 365) for p in patients])
+    np.testing.assert_array_equal(shifts, again)  # deterministic
+    assert np.all(np.abs(shifts) <= 365) and np.all(shifts != 0)  # bounded, never the real date
+    # spread over [-365, 365]: about uniform (each quarter ~25%, mean ~0 +- 4 days s.e.)
+    quarters = np.histogram(shifts, bins=[-365, -182, 0, 183, 366])[0] / len(shifts)
+    assert np.all(np.abs(quarters - 0.25) < 0.04), quarters
+    assert abs(shifts.mean()) < 25 and len(np.unique(shifts)) > 600
+    # another site's secret gives other shifts (two draws agree with probability 1/730)
+    other = np.array([date_shift_days(b"other-secret", p, 365) for p in patients])
+    assert np.mean(other == shifts) < 0.01
+    assert {date_shift_days(b"s", p, 1) for p in patients[:50]} == {-1, 1}
+    assert all(date_shift_days(b"s", p, 0) == 0 for p in patients[:50])  # 0 disables shifting
+    t = datetime(2020, 5, 1, 13, 45, 7)
+    moved = shift_time(t, b"s", patients[0], 30)
+    assert moved - t == timedelta(days=date_shift_days(b"s", patients[0], 30)) and moved.time() == t.time()
+    assert shift_time(None, b"s", patients[0], 30) is None
+    with pytest.raises(ValueError, match=">= 0"):
+        date_shift_days(b"s", patients[0], -1)
+    with pytest.raises(ValueError, match="date_shift_days"):
+        load(IngestConfig, None, ["date_shift_days=-5"])
+
+
+@needs_real
+def test_real_series_scan_time(real_raw, real_files):
+    """The real series' time, checked against pydicom directly: earliest AcquisitionDate/Time."""
+    import pydicom
+
+    stamps = []
+    for path, _ in real_files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        stamps.append(datetime.strptime(f"{ds.AcquisitionDate}{ds.AcquisitionTime}", "%Y%m%d%H%M%S.%f"))
+    assert real_raw.acquired == min(stamps) and len(set(stamps)) == len(stamps)  # per-slice times differ
+    assert real_raw.acquired.year == 2002

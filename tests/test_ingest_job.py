@@ -6,16 +6,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 
 from fmct_ray import config as config_lib
+from fmct_ray.eval.labels import LabelConfig, make_labels
 from fmct_ray.ingest import SiteStore, load_volume
 from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
+from fmct_ray.ingest.privacy import date_shift_days, pseudonym
 from fmct_ray.ingest.store import checksum
 from fmct_ray.synthetic import write_site
 from fmct_ray.testing import RayCluster, kill_processes_under
@@ -91,6 +95,7 @@ def test_ingest_synthetic_and_bad_inputs_then_rerun_skips(tmp_path, ray_local, s
     assert (summary["written"], summary["skipped"], summary["quarantined"]) == (5, 0, len(bad))
     manifest = check_store(store_uri, 5)
     assert set(manifest["site"]) == {"site_a"}
+    assert manifest["scan_time"].dtype.kind == "M" and manifest["scan_time"].isna().all()  # NIfTI: no time
     assert set(manifest["split"]) <= {"train", "val", "test"}
     patients = {lab["patient"] for lab in labels}
     assert manifest["patient_id"].nunique() == len(patients)
@@ -146,6 +151,27 @@ def _identity_strings(series: Path) -> list[str]:
     return [v for v in values if len(v) >= 6]
 
 
+def _date_strings(day: datetime) -> list[str]:
+    """A calendar date as DICOM, ISO, US, European and dotted text."""
+    formats = ("%Y%m%d", "%Y-%m-%d", "%Y/%m/%d", "%m/%d/%Y", "%d/%m/%Y", "%d.%m.%Y", "%Y.%m.%d")
+    return [day.strftime(f) for f in formats]
+
+
+def _real_times(series: Path) -> tuple[datetime, list[str]]:
+    """Earliest acquisition time of the real series (pydicom, independently of the reader) and the
+    text of every date its headers hold (acquisition, series, study, content)."""
+    stamps, dates = [], set()
+    for path in series.iterdir():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        stamps.append(datetime.strptime(f"{ds.AcquisitionDate}{ds.AcquisitionTime}", "%Y%m%d%H%M%S.%f"))
+        dates |= {
+            str(ds.get(f"{k}Date"))
+            for k in ("Acquisition", "Series", "Study", "Content")
+            if ds.get(f"{k}Date")
+        }
+    return min(stamps), sorted(dates)
+
+
 def _run_job(*args: str, env: dict, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(ROOT / "jobs/ingest.py"), *args],
@@ -159,9 +185,12 @@ def _run_job(*args: str, env: dict, **kw) -> subprocess.Popen:
 
 
 def test_real_dicom_ingest_leaks_no_identity(tmp_path, real_data, site_secret):
-    """The real series through the job as a user runs it; no header identity in any output byte."""
+    """The real series through the job as a user runs it; no header identity and no real date in any
+    output byte; the stored scan time is the real one moved by the patient's date shift, and EHR labels
+    from it agree with labels from the real times (window edges included)."""
     series = real_data / "invesalius_0051_dicom"
     identity = _identity_strings(series)
+    real_time, real_dates = _real_times(series)
     store = tmp_path / "store"
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
@@ -177,13 +206,52 @@ def test_real_dicom_ingest_leaks_no_identity(tmp_path, real_data, site_secret):
     assert row["source_format"] == "dicom" and row["kvp"] == 140.0 and row["slice_thickness"] == 2.0
     assert row["manufacturer"] and list(row["orig_shape"])[:2] == [512, 512]
 
+    patient = str(pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True).PatientID)
+    assert row["patient_id"] == pseudonym(site_secret.encode(), "patient", patient)
+    shift = date_shift_days(site_secret.encode(), row["patient_id"], 365)
+    assert shift != 0 and row["date_shift_days"] == 365
+    assert row["scan_time"] == pd.Timestamp(real_time + timedelta(days=shift))  # time of day kept
+    shifted_dates = _date_strings(row["scan_time"].to_pydatetime())
+
+    labels_out = tmp_path / "labels"
+    _real_labels(manifest, patient, real_time, tmp_path, labels_out)
+
     outputs = [log] + [p.read_bytes() for p in store.rglob("*") if p.is_file()]
+    outputs += [p.read_bytes() for p in labels_out.rglob("*") if p.is_file()]
     outputs += [p.read_bytes() for p in Path(ray_tmp).rglob("*.log") if p.is_file()]
     outputs += [p.read_bytes() for p in Path(ray_tmp).rglob("*.out") if p.is_file()]
     outputs += [gzip.decompress(b) for b in outputs if b[:2] == b"\x1f\x8b"]
     for value in identity:
         for variant in {value, value.replace("^", " "), value.upper()}:
             assert not any(variant.encode() in blob for blob in outputs), f"{variant!r} leaked"
+    assert real_dates, "the real series has dates to look for"
+    for day in {d for text in real_dates for d in _date_strings(datetime.strptime(text, "%Y%m%d"))}:
+        assert not any(day.encode() in blob for blob in outputs), f"real date {day!r} leaked"
+    # the search does see dates: the shifted one is in the committed row (ISO text)
+    assert any(shifted_dates[1].encode() in blob for blob in outputs)
+
+
+def _real_labels(manifest, patient: str, real_time: datetime, tmp_path: Path, out: Path) -> None:
+    """Labels of the real scan from an EHR table in real time (raw PatientID): the labels code shifts
+    the EHR times by the patient's shift, so the window edges land exactly as in real time."""
+    day = timedelta(days=1)
+    ehr = pd.DataFrame(
+        [
+            (patient, real_time, "I61.5", "diagnosis"),  # at the scan time: in -> IVH, ICH
+            (patient, real_time + 89 * day, "I60.7", "diagnosis"),  # day 89: in -> SAH
+            (patient, real_time + 90 * day, "S06.5", "diagnosis"),  # day 90: out
+            (patient, real_time - timedelta(seconds=1), "C71.1", "diagnosis"),  # before: out
+        ],
+        columns=["patient_id", "time", "code", "kind"],
+    )
+    ehr_path = tmp_path / "ehr_real_time.csv"
+    ehr.to_csv(ehr_path, index=False)
+    cfg = config_lib.load(LabelConfig, ROOT / "configs/labels/ehr_tasks.yaml", ["patient_ids=raw"])
+    labels, _ = make_labels(cfg, manifest, out, ehr=ehr_path)
+    ehr_path.unlink()  # the test's own input holds the real PatientID and dates; it is not an output
+    got = labels.iloc[0]
+    assert {t for t in cfg.tasks if got[t] == 1} == {"IVH", "ICH", "SAH"}
+    assert all(got[t] == 0 for t in cfg.tasks if t not in {"IVH", "ICH", "SAH"})
 
 
 def test_killed_ingest_resumes_with_every_scan_once(tmp_path, site_secret):
@@ -294,6 +362,8 @@ def test_series_are_grouped_by_uid_not_by_folder(tmp_path, ray_local, site_secre
         patient_id="PAT-B",
         series_uid="1.2.826.0.1.3680043.2.1125.2",
     )
+    _set_dates(shared, "Acquisition", "20210501", "100000")
+    _set_dates(tmp_path / "b_tmp", "Study", "20210503", "093000")
     for path in (tmp_path / "b_tmp").iterdir():  # series B joins series A's folder, with new names
         path.rename(shared / f"b_{path.name}")
     other.mkdir(parents=True)
@@ -304,3 +374,19 @@ def test_series_are_grouped_by_uid_not_by_folder(tmp_path, ray_local, site_secre
     manifest = check_store(str(tmp_path / "store"), 2)
     assert sorted(int(s[2]) for s in manifest["orig_shape"]) == [20, 24]
     assert manifest["patient_id"].nunique() == 2
+    # scan times: acquisition level for A, study level for B, each moved by its patient's shift
+    secret = site_secret.encode()
+    for patient, real in (("PAT-A", datetime(2021, 5, 1, 10)), ("PAT-B", datetime(2021, 5, 3, 9, 30))):
+        pid = pseudonym(secret, "patient", patient)
+        got = manifest.loc[manifest["patient_id"] == pid, "scan_time"].iloc[0]
+        assert got == pd.Timestamp(real + timedelta(days=date_shift_days(secret, pid, 365))), patient
+        assert got != pd.Timestamp(real) and got.time() == real.time()
+
+
+def _set_dates(folder: Path, level: str, date: str, time_of_day: str) -> None:
+    """Give every DICOM file in `folder` a {level}Date / {level}Time."""
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        setattr(ds, f"{level}Date", date)
+        setattr(ds, f"{level}Time", time_of_day)
+        ds.save_as(path, enforce_file_format=True)

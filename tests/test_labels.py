@@ -9,6 +9,7 @@ import pytest
 from fmct_ray import config as C
 from fmct_ray.eval.labels import LabelConfig, derive_ehr_labels, join_public_labels, make_labels
 from fmct_ray.ingest.pipeline import pseudonym
+from fmct_ray.ingest.privacy import date_shift_days, secret_check
 
 ROOT = Path(__file__).resolve().parents[1]
 EHR_TASKS = ROOT / "configs" / "labels" / "ehr_tasks.yaml"
@@ -183,3 +184,127 @@ def test_make_labels_writes_files(tmp_path, cfg):
         make_labels(cfg, manifest, tmp_path / "o2", ehr=ehr)
     with pytest.raises(ValueError, match="cannot read table"):
         make_labels(cfg, manifest, tmp_path / "o3", ehr=tmp_path / "nope.csv", scan_times=times)
+
+
+# -- scan times from a date-shifted manifest --------------------------------------------------------
+SECRET = "labels-test-secret"
+EXPECT_POS = {
+    "s1": {"SAH"},
+    "s2": {"IVH", "ICH"},
+    "s3": {"ADRD", "Hydrocephalus"},
+    "s4": {"ADRD"},
+    "s5": set(),
+}
+
+
+def shifted_manifest(max_days: int = 365) -> pd.DataFrame:
+    """scans() as ingest stores them: each scan time moved by its patient's shift."""
+    m = scans().assign(site="A", split="train")
+    shift = [date_shift_days(SECRET.encode(), p, max_days) for p in m["patient_id"]]
+    m["scan_time"] = m["scan_time"] + pd.to_timedelta(shift, unit="D")
+    return m.assign(
+        date_shift_days=max_days, secret_check=secret_check(SECRET.encode()) if max_days else None
+    )
+
+
+def check_known_answers(labels: pd.DataFrame, cfg) -> None:
+    got = labels.set_index("scan_id")
+    for scan, positives in EXPECT_POS.items():
+        for task in cfg.tasks:
+            assert got.loc[scan, task] == int(task in positives), (scan, task)
+    assert got.loc[["s6", "s7"], list(cfg.tasks)].isna().all().all()
+
+
+def test_shifted_manifest_gives_the_same_window_answers(tmp_path, cfg, monkeypatch):
+    """Scan times from a shifted manifest, EHR times in real time: the labels code shifts the EHR
+    by the same per-patient offset, so the window edges (at the scan time: in; +90 days: out;
+    one second before: out) give the known answers."""
+    monkeypatch.setenv("FMCT_SITE_SECRET", SECRET)
+    manifest = shifted_manifest()
+    shifts = manifest["scan_time"] - scans()["scan_time"]
+    assert shifts.dropna().abs().min() >= pd.Timedelta(days=1) and shifts.nunique() > 3  # really moved
+    ehr = tmp_path / "ehr.parquet"
+    ehr_rows().to_parquet(ehr, index=False)
+    labels, table = make_labels(cfg, manifest, tmp_path / "out", ehr=ehr)
+    check_known_answers(labels, cfg)
+    assert table.set_index("task").loc["SAH", "missing"] == 2
+    # the shifting is what makes it right: the same manifest read as unshifted gives other answers
+    unshifted, _ = derive_ehr_labels(ehr_rows(), manifest.assign(date_shift_days=0), cfg)
+    assert (
+        not unshifted.set_index("scan_id")
+        .loc[list(EXPECT_POS)]
+        .equals(labels.set_index("scan_id").loc[list(EXPECT_POS), list(cfg.tasks)])
+    )
+
+
+def test_zero_shift_manifest_needs_no_secret(tmp_path, cfg, monkeypatch):
+    monkeypatch.delenv("FMCT_SITE_SECRET", raising=False)
+    ehr = tmp_path / "ehr.csv"
+    ehr_rows().to_csv(ehr, index=False)
+    labels, _ = make_labels(cfg, shifted_manifest(0), tmp_path / "out", ehr=ehr)
+    check_known_answers(labels, cfg)
+    with pytest.raises(ValueError, match="date-shifted need the site secret in \\$FMCT_SITE_SECRET"):
+        make_labels(cfg, shifted_manifest(), tmp_path / "o2", ehr=ehr)
+
+
+def test_wrong_secret_is_refused(tmp_path, cfg, monkeypatch):
+    monkeypatch.setenv("FMCT_SITE_SECRET", "not-the-site-secret")
+    ehr = tmp_path / "ehr.csv"
+    ehr_rows().to_csv(ehr, index=False)
+    with pytest.raises(ValueError, match="not the one the store's scan times were date-shifted with"):
+        make_labels(cfg, shifted_manifest(), tmp_path / "out", ehr=ehr)
+
+
+def test_scan_times_table_overrides_with_real_times(tmp_path, cfg, monkeypatch):
+    """A NIfTI-only store (no times) next to a shifted one: real times from the table, EHR unshifted
+    for those scans, shifted for the others; every scan gets its known answer."""
+    monkeypatch.setenv("FMCT_SITE_SECRET", SECRET)
+    manifest = shifted_manifest()
+    nifti = manifest["scan_id"].isin(["s2", "s3"])
+    manifest.loc[nifti, "scan_time"] = pd.NaT
+    manifest.loc[nifti, ["date_shift_days", "secret_check"]] = [0, None]
+    times = tmp_path / "times.csv"
+    pd.DataFrame({"scan_id": ["s2", "s3", "s4"], "scan_time": [str(T0), str(T0), ""]}).to_csv(
+        times, index=False
+    )
+    ehr = tmp_path / "ehr.csv"
+    ehr_rows().to_csv(ehr, index=False)
+    labels, _ = make_labels(cfg, manifest, tmp_path / "out", ehr=ehr, scan_times=times)
+    check_known_answers(labels, cfg)  # s4: empty cell in the table -> the manifest's (shifted) time
+    without, table = make_labels(cfg, manifest, tmp_path / "o2", ehr=ehr)  # no table: s2, s3 missing
+    assert without.set_index("scan_id").loc[["s2", "s3"], "SAH"].isna().all()
+    assert "no scan time: 3" in table.set_index("task").loc["SAH", "reasons"]
+
+
+@pytest.mark.parametrize(
+    ("target", "bad", "match"),
+    [
+        ("ehr", "next tuesday", "ehr.csv: column 'time': 1 unreadable time\\(s\\), the first in data row 3"),
+        ("ehr", "", "ehr.csv: 1 record\\(s\\) without a time"),
+        ("ehr", "2024-01-12T10:00:00+05:00", "ehr.csv: column 'time': times carry a time zone"),
+        ("times", "2024-13-45", "times.csv: column 'scan_time': 1 unreadable time"),
+    ],
+)
+def test_bad_times_name_the_file(tmp_path, cfg, target, bad, match):
+    manifest = scans().drop(columns="scan_time").assign(site="A", split="train")
+    rows = ehr_rows().astype({"time": str})
+    times = pd.DataFrame({"scan_id": ["s1", "s2"], "scan_time": [str(T0), str(T0)]}).astype(str)
+    if target == "ehr":
+        rows.loc[2, "time"] = bad
+    else:
+        times.loc[1, "scan_time"] = bad
+    rows.to_csv(tmp_path / "ehr.csv", index=False)
+    times.to_csv(tmp_path / "times.csv", index=False)
+    with pytest.raises(ValueError, match=match):
+        make_labels(
+            cfg, manifest, tmp_path / "out", ehr=tmp_path / "ehr.csv", scan_times=tmp_path / "times.csv"
+        )
+
+
+def test_times_in_several_formats_are_read(cfg):
+    ehr = ehr_rows().astype({"time": object})
+    ehr.loc[0, "time"] = (T0 + pd.Timedelta(days=89)).strftime("%d %B %Y %H:%M")  # one row in another format
+    labels, _ = derive_ehr_labels(ehr, scans(), cfg)
+    assert labels.set_index("scan_id").loc["s1", "SAH"] == 1
+    with pytest.raises(ValueError, match="holds numbers"):
+        derive_ehr_labels(ehr_rows().assign(time=1.7e9), scans(), cfg)

@@ -3,13 +3,18 @@
 Two sources (issue 5, SPEC section 4):
 
 - EHR: a table of (patient_id, time, code) rows, where `code` is an ICD-10 code or a drug name
-  (an optional `kind` column, "diagnosis" / "medication", keeps the two apart), and a table of
-  scan times (scan_id, scan_time; the manifest has no scan-time column yet). A scan is positive for
-  a task if any code or medication of the task's definition (`configs/labels/*.yaml`) appears in
-  the patient's records in [scan_time, scan_time + window_days). Codes are compared without dots
-  and case ("I61.0" == "i610"); "I60.*" matches every code starting with I60; medications match as
-  whole words ("Donepezil 10 mg tablet" matches donepezil). Derived tasks (`include`) union the
-  definitions of other tasks.
+  (an optional `kind` column, "diagnosis" / "medication", keeps the two apart), and the scan times
+  of the manifest's `scan_time` column. A scan is positive for a task if any code or medication of
+  the task's definition (`configs/labels/*.yaml`) appears in the patient's records in
+  [scan_time, scan_time + window_days). Codes are compared without dots and case ("I61.0" ==
+  "i610"); "I60.*" matches every code starting with I60; medications match as whole words
+  ("Donepezil 10 mg tablet" matches donepezil). Derived tasks (`include`) union the definitions of
+  other tasks.
+  Ingest stores scan times date-shifted per patient (`fmct_ray.ingest.privacy`), so the EHR times
+  of each patient are moved by the same shift (keyed with the site secret, checked against the
+  manifest's `secret_check`) before the comparison; intervals, hence labels, are unchanged. A
+  scan-times table (scan_id, scan_time) can override the manifest's times (stores without times,
+  e.g. NIfTI-only sites): those times are real ones, and the EHR times of those scans stay unshifted.
 - Public label files (RSNA / CQ500 style): one row per scan, one column per task, joined to the
   manifest by scan id (or by the pseudonym of the original NIfTI path / DICOM series, computed with
   the site's secret exactly as ingest computed the scan id).
@@ -22,7 +27,6 @@ includes is positive). `LabelReport` counts every such case per task with the re
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +35,9 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from fmct_ray.eval.scan_times import ehr_shift_days, parse_times, scan_table, site_secret
 from fmct_ray.eval.tables import markdown_table
-from fmct_ray.ingest.pipeline import pseudonym
+from fmct_ray.ingest.privacy import pseudonym
 
 TRUE = {"1", "1.0", "true", "yes", "y", "positive", "pos", "t"}
 FALSE = {"0", "0.0", "false", "no", "n", "negative", "neg", "f"}
@@ -159,10 +164,7 @@ def _require(frame: pd.DataFrame, columns: list[str], what: str) -> None:
 
 
 def _secret(cfg: LabelConfig) -> bytes:
-    secret = os.environ.get(cfg.secret_env)
-    if not secret:
-        raise ValueError(f"raw ids need the site secret in ${cfg.secret_env} (the one ingest used)")
-    return secret.encode()
+    return site_secret(cfg.secret_env, "raw ids")
 
 
 def derive_ehr_labels(
@@ -172,7 +174,9 @@ def derive_ehr_labels(
 
     Args:
         ehr: columns patient_id, time, code (ICD-10 code or drug name), optional kind.
-        scans: columns scan_id, patient_id, scan_time (manifest joined with the scan times).
+        scans: columns scan_id, patient_id, scan_time (manifest joined with the scan times);
+            optional date_shift_days (> 0: the time is stored date-shifted, so each EHR time is
+            shifted by the patient's offset for this scan) and secret_check (see `scan_table`).
         cfg: task definitions and window.
         what: name of the EHR source in error messages.
     """
@@ -182,16 +186,19 @@ def derive_ehr_labels(
     if cfg.patient_ids == "raw":
         secret = _secret(cfg)
         ehr["patient_id"] = [pseudonym(secret, "patient", str(p)) for p in ehr["patient_id"]]
-    ehr["time"] = pd.to_datetime(ehr["time"], errors="raise")
+    ehr["time"] = parse_times(ehr["time"], what, "time")
+    if ehr["time"].isna().any():
+        raise ValueError(f"{what}: {int(ehr['time'].isna().sum())} record(s) without a time; drop them first")
     kind = ehr["kind"].astype(str).str.lower() if "kind" in ehr.columns else None
     is_dx = kind.str.startswith("diag") if kind is not None else pd.Series(True, index=ehr.index)
     is_med = kind.str.startswith("med") if kind is not None else pd.Series(True, index=ehr.index)
     code = ehr["code"].astype(str)
     scans = scans.reset_index(drop=True).assign(_scan=lambda f: np.arange(len(f)))
-    scans["scan_time"] = pd.to_datetime(scans["scan_time"], errors="coerce")
-    # every (scan, record) pair of the same patient inside the window
+    scans["scan_time"] = parse_times(scans["scan_time"], "scan table", "scan_time")
+    scans["_shift"] = ehr_shift_days(scans, cfg.secret_env)
+    # every (scan, record) pair of the same patient inside the window, the record moved like the scan
     pairs = scans.merge(ehr.assign(_row=np.arange(len(ehr))), on="patient_id", how="inner")
-    delta = pairs["time"] - pairs["scan_time"]
+    delta = pairs["time"] + pd.to_timedelta(pairs["_shift"], unit="D") - pairs["scan_time"]
     pairs = pairs[(delta >= pd.Timedelta(0)) & (delta < pd.Timedelta(days=cfg.window_days))]
     rows = pairs["_row"].to_numpy()
     report = LabelReport()
@@ -320,22 +327,18 @@ def make_labels(
     scan_times: str | Path | None = None,
     public: str | Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Labels of the manifest's scans from an EHR table (+ scan times) or a public label file.
+    """Labels of the manifest's scans from an EHR table (+ the manifest's scan times, or a
+    scan-times table that overrides them, see `scan_table`) or a public label file.
 
     Writes `out`/labels.parquet (scan_id, patient_id, site, split, one Int8 column per task) and
     the per-task report (CSV, Markdown); returns (labels, report table).
     """
     if (ehr is None) == (public is None):
-        raise ValueError("give exactly one label source: an EHR table (with scan times) or a label file")
+        raise ValueError("give exactly one label source: an EHR table or a label file")
     _require(manifest, ["scan_id", "patient_id", "site", "split"], "manifest")
     if ehr is not None:
-        if scan_times is None:
-            raise ValueError("EHR labels need a scan-times table (scan_id, scan_time)")
-        times = read_table(scan_times)
-        _require(times, ["scan_id", "scan_time"], str(scan_times))
-        scans = manifest[["scan_id", "patient_id"]].merge(
-            times[["scan_id", "scan_time"]], on="scan_id", how="left"
-        )
+        times = None if scan_times is None else read_table(scan_times)
+        scans = scan_table(manifest, times, str(scan_times))
         labels, report = derive_ehr_labels(read_table(ehr), scans, cfg, what=str(ehr))
     else:
         labels, report = join_public_labels(read_table(public), manifest, cfg, what=str(public))

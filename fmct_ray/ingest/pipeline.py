@@ -8,14 +8,14 @@
       -> driver: counts, manifest.parquet, quarantine.parquet, run record
 
 Identity fields of DICOM headers never leave `identify`/`convert`: only keyed hashes (HMAC-SHA256
-with a per-site secret) travel through Ray and reach the store. Failures of one input become a
+with a per-site secret) travel through Ray and reach the store, and the scan time is stored only
+date-shifted per patient (`fmct_ray.ingest.privacy`). Failures of one input become a
 quarantine row with the input path and the reason; the job goes on.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import posixpath
@@ -29,6 +29,7 @@ import numpy as np
 
 from fmct_ray import config as config_lib
 from fmct_ray.ingest.geometry import PreprocessConfig, convert
+from fmct_ray.ingest.privacy import pseudonym, secret_check, shift_time
 from fmct_ray.ingest.quality import QualityConfig, check_header, check_intensities
 from fmct_ray.ingest.readers import QuarantineError, read_dicom_header, read_dicom_series, read_nifti
 from fmct_ray.ingest.store import INGEST_VERSION, SiteStore, StoreConfig
@@ -53,6 +54,9 @@ class IngestConfig:
         split_seed: salt of the patient -> split assignment.
         split_fractions: train / val / test fractions, by patient.
         num_cpus_per_scan: CPUs reserved by each conversion task.
+        date_shift_days: scan times are stored moved by a per-patient whole number of days in
+            [-date_shift_days, date_shift_days] (never 0), keyed with the site secret; 0 stores
+            the real times (only for data cleared to keep dates).
     """
 
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -65,17 +69,17 @@ class IngestConfig:
     split_seed: str = "fmct-split-v1"
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     num_cpus_per_scan: float = 1.0
+    date_shift_days: int = 365
 
     def __post_init__(self) -> None:
+        if self.date_shift_days < 0:
+            raise ValueError(
+                f"date_shift_days must be >= 0 (0 disables shifting), got {self.date_shift_days}"
+            )
         if abs(sum(self.split_fractions) - 1.0) > 1e-6 or min(self.split_fractions) < 0:
             raise ValueError(f"split_fractions must be non-negative and sum to 1, got {self.split_fractions}")
         if self.patient_id_pattern is not None:
             re.compile(self.patient_id_pattern)
-
-
-def pseudonym(secret: bytes, kind: str, value: str) -> str:
-    """Keyed hash: stable for a site, meaningless without its secret."""
-    return hmac.new(secret, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()[:24]
 
 
 def assign_split(patient_id: str, seed: str, fractions: tuple[float, float, float]) -> str:
@@ -166,10 +170,17 @@ class Convert:
     """map_groups function: one group = the files of one scan -> one committed volume."""
 
     def __init__(
-        self, site: str, store_uri: str, cfg: IngestConfig, in_opts: dict, out_opts: dict, done: set[str]
+        self,
+        site: str,
+        store_uri: str,
+        cfg: IngestConfig,
+        in_opts: dict,
+        out_opts: dict,
+        done: set[str],
+        secret: bytes,
     ):
         self.site, self.store_uri, self.cfg = site, store_uri, cfg
-        self.in_opts, self.out_opts, self.done = in_opts, out_opts, done
+        self.in_opts, self.out_opts, self.done, self.secret = in_opts, out_opts, done, secret
 
     def __call__(self, group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -207,7 +218,9 @@ class Convert:
         volume, affine = convert(raw, self.cfg.preprocess)
         store = SiteStore(self.store_uri, options=self.out_opts)
         digest = store.write_volume(scan_id, volume, affine, self.cfg.store)
-        store.commit(manifest_row(scan_id, patient_id, self.site, kind, raw.meta, volume, digest, self.cfg))
+        shifted = shift_time(raw.acquired, self.secret, patient_id, self.cfg.date_shift_days)
+        row = manifest_row(scan_id, patient_id, self.site, kind, raw.meta, volume, digest, self.cfg)
+        store.commit({**row, **time_fields(shifted, self.secret, self.cfg.date_shift_days)})
 
 
 def manifest_row(
@@ -242,6 +255,16 @@ def manifest_row(
     }
 
 
+def time_fields(scan_time: datetime | None, secret: bytes, date_shift_days: int) -> dict[str, Any]:
+    """Manifest fields of an (already shifted) scan time: ISO text in the JSON row, the shift bound it
+    was stored with, and the secret check the labels job compares before shifting EHR times."""
+    return {
+        "scan_time": None if scan_time is None else scan_time.isoformat(),
+        "date_shift_days": int(date_shift_days),
+        "secret_check": secret_check(secret) if date_shift_days else None,
+    }
+
+
 # -- the job --------------------------------------------------------------------------------------
 def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> dict[str, Any]:
     """Ingest every scan under `input_uri` into the site store at `store_uri`; returns the summary."""
@@ -261,7 +284,7 @@ def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> 
     out_opts = storage_options(cfg.output_storage) if "://" in store_uri else {}
     ray.init(ignore_reinit_error=True, log_to_driver=True)
     identify = Identify(secret, cfg, in_opts)
-    convert_one = Convert(site, store_uri, cfg, in_opts, out_opts, done)
+    convert_one = Convert(site, store_uri, cfg, in_opts, out_opts, done, secret)
 
     def identify_files(batch):
         return identify(batch)

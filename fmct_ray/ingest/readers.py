@@ -8,7 +8,9 @@ bad input with a bare exception: the ingest job records the reason and goes on.
 
 Privacy: `RawScan.meta` holds only acquisition facts (modality, thickness, kVp, manufacturer, geometry).
 The raw PatientID and SeriesInstanceUID are kept apart in `patient_key` / `series_key`, which the caller
-turns into keyed hashes and never writes. Exception messages never contain header identity fields.
+turns into keyed hashes and never writes, and the real scan time (a date is an identifier) in
+`acquired` (fallback order in `scan_time`; NIfTI has none), which the caller date-shifts (`privacy`)
+before writing. Exception messages never contain header identity fields.
 
 DICOM conventions: a slice's pixel (row r, column c) lies at IPP + c * PixelSpacing[1] * row_cosine +
 r * PixelSpacing[0] * column_cosine in LPS millimetres; slices are ordered by IPP projected on the
@@ -29,10 +31,13 @@ import os
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+
+from fmct_ray.ingest.scan_time import header_times, series_time
 
 # A step larger than this multiple of the typical (median) step means a slice is missing.
 DEFAULT_MAX_GAP_FACTOR = 1.5
@@ -59,6 +64,7 @@ class RawScan:
         meta: non-identifying header facts (see module docstring).
         patient_key: raw PatientID for the caller's keyed hash only; never written.
         series_key: raw SeriesInstanceUID for the caller's keyed hash only; never written.
+        acquired: real scan time (naive local time, DICOM only); written only date-shifted.
     """
 
     array: np.ndarray
@@ -66,6 +72,7 @@ class RawScan:
     meta: dict[str, Any] = field(default_factory=dict)
     patient_key: str | None = None
     series_key: str | None = None
+    acquired: datetime | None = None
 
 
 def grid_meta(array: np.ndarray, affine: np.ndarray, **facts: Any) -> dict[str, Any]:
@@ -234,6 +241,7 @@ def _header_from_ds(ds: Any, source: str) -> dict[str, Any]:
         "manufacturer": _text(ds, "Manufacturer"),
         "rescale_slope": _first(ds, "RescaleSlope") or 1.0,
         "rescale_intercept": _first(ds, "RescaleIntercept") or 0.0,
+        "times": header_times(ds),
         "source": source,
     }
 
@@ -242,8 +250,9 @@ def read_dicom_header(data: bytes, source: str) -> dict[str, Any]:
     """Header of one DICOM file (pixels not read): grouping keys and what sorting/stacking needs.
 
     Returns a dict with `series_key` (SeriesInstanceUID) and `patient_key` (PatientID) for the caller's
-    keyed hashes, geometry (`position`, `orientation`, `pixel_spacing`, `rows`, `columns`) and
-    acquisition facts (`modality`, `slice_thickness`, `kvp`, `manufacturer`, rescale).
+    keyed hashes, geometry (`position`, `orientation`, `pixel_spacing`, `rows`, `columns`),
+    acquisition facts (`modality`, `slice_thickness`, `kvp`, `manufacturer`, rescale) and `times`
+    (acquisition, series, study datetimes or None; identifying, see `series_time`).
     """
     return _header_from_ds(_parse_dicom(data, source, pixels=False), source)
 
@@ -412,4 +421,5 @@ def read_dicom_series(
         rescale_slope=first["rescale_slope"],
         rescale_intercept=first["rescale_intercept"],
     )
-    return RawScan(volume, affine, meta, patient_key=first["patient_key"], series_key=first["series_key"])
+    keys = {"patient_key": first["patient_key"], "series_key": first["series_key"]}
+    return RawScan(volume, affine, meta, **keys, acquired=series_time(headers))

@@ -42,7 +42,7 @@ from fmct_ray.storage import (
     storage_options,
 )
 
-INGEST_VERSION = "1"
+INGEST_VERSION = "2"  # 2: scan_time (date-shifted), date_shift_days, secret_check
 STORE_FORMAT = "fmct_ray.store/1"
 
 
@@ -198,6 +198,8 @@ class SiteStore:
         ]
         manifest = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"scan_id": []})
         manifest = manifest.sort_values("scan_id", ignore_index=True)
+        if "scan_time" in manifest.columns:  # ISO text in the JSON rows -> a timestamp column (NaT: none)
+            manifest["scan_time"] = pd.to_datetime(manifest["scan_time"], format="ISO8601")
         self._write_parquet("manifest.parquet", manifest)
         return manifest
 
