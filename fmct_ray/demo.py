@@ -18,13 +18,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from fmct_ray import config as config_lib
-from fmct_ray.eval.labels import LabelConfig, make_labels
 from fmct_ray.ingest import SiteStore
-from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
-from fmct_ray.synthetic import write_site
+from fmct_ray.synthetic import ingest_synthetic_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real"
@@ -33,41 +30,13 @@ SITES = {"site_a": 40, "site_b": 40}  # synthetic scans per site
 
 def stage_ingest(out: Path) -> None:
     os.environ.setdefault("FMCT_SITE_SECRET", "demo-secret-not-for-real-sites")
+    real = out / "raw" / "site_a" / "real"
+    if REAL.exists() and not real.exists():  # link, never copy, the real scans
+        real.mkdir(parents=True)
+        (real / "invesalius_0051").symlink_to(REAL / "invesalius_0051_dicom")
+        (real / "template.nii.gz").symlink_to(REAL / "ichseg_template_1mm_hu_skullstripped.nii.gz")
     # a 2:1:1 split so that each small demo site has enough held-out scans (the default is 8:1:1)
-    overrides = ["patient_id_pattern=([^/]+)/[^/]+$", "split_fractions=[0.5, 0.25, 0.25]"]
-    cfg = config_lib.load(IngestConfig, ROOT / "configs/ingest/default.yaml", overrides)
-    label_rows = []
-    for seed, (site, n) in enumerate(SITES.items()):
-        raw = out / "raw" / site
-        if not raw.exists():
-            rows = write_site(raw / "synthetic", n=n, seed=100 + seed)
-            pd.DataFrame([{**r, "file": f"synthetic/{r['file']}"} for r in rows]).to_csv(
-                out / "raw" / f"{site}_labels.csv", index=False
-            )
-            if site == "site_a" and REAL.exists():  # link, never copy, the real scans
-                (raw / "real").mkdir(parents=True)
-                (raw / "real" / "invesalius_0051").symlink_to(REAL / "invesalius_0051_dicom")
-                (raw / "real" / "template.nii.gz").symlink_to(
-                    REAL / "ichseg_template_1mm_hu_skullstripped.nii.gz"
-                )
-        print(f"\n== ingest {site} from {raw}")
-        summary = run_ingest(site, str(raw), str(out / "stores" / site), cfg)
-        print(f"== {site}: {summary}")
-        label_rows.append(pd.read_csv(out / "raw" / f"{site}_labels.csv"))
-    manifest = pd.concat([SiteStore(str(out / "stores" / site)).manifest() for site in SITES])
-    labels, report = make_labels(
-        config_lib.load(LabelConfig, ROOT / "configs/labels/synthetic.yaml"),
-        manifest,
-        out / "labels",
-        public=_write_csv(pd.concat(label_rows), out),
-    )
-    print(f"== labels: {len(labels)} scans\n{report.to_string(index=False)}")
-
-
-def _write_csv(frame: pd.DataFrame, out: Path) -> Path:
-    path = out / "raw" / "labels_all_sites.csv"
-    frame.to_csv(path, index=False)
-    return path
+    ingest_synthetic_sites(out, SITES, seed=100, ingest_overrides=["split_fractions=[0.5, 0.25, 0.25]"])
 
 
 def stage_inspect(out: Path) -> None:
@@ -118,7 +87,7 @@ def stage_pretrain(out: Path) -> Path:
     cfg = config_lib.load(PretrainConfig, ROOT / "configs/pretrain/debug_dino_tiny.yaml", ["train.epochs=3"])
     sites = tuple(SiteSpec(name=site, uri=str(out / "stores" / site)) for site in SITES)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sites=sites))
-    # 2 workers x 0.5 CPU leave the 2-CPU demo cluster room for the Ray Data reader
+    # 2 workers x 0.5 CPU leave the 2-CPU demo cluster room for their readers (one each, 0.5 CPU)
     launch = LaunchConfig(
         name="demo-dino", storage_path=str(out / "runs"), num_workers=2, cpus_per_worker=0.5
     )
@@ -152,7 +121,7 @@ def _launch(out: Path):
 
 def stage_probe(out: Path) -> None:
     from fmct_ray.data.embed import EmbedConfig, extract_embeddings
-    from fmct_ray.train.finetune import FinetuneConfig
+    from fmct_ray.train.finetune_config import FinetuneConfig
     from fmct_ray.train.tune import run_finetune_sweep, run_scratch_sweep
 
     launch = _launch(out)
@@ -171,7 +140,7 @@ def stage_probe(out: Path) -> None:
 
 def stage_report(out: Path) -> None:
     from fmct_ray.eval.report import ReportConfig, attention_input, write_report
-    from fmct_ray.train.finetune import FinetuneConfig
+    from fmct_ray.train.finetune_config import FinetuneConfig
 
     launch = _launch(out)
     view = config_lib.load(FinetuneConfig, ROOT / "configs/finetune/debug_tiny.yaml").view

@@ -4,15 +4,22 @@ A volume is an ellipsoidal head in air: scalp, a bony skull shell, grey and whit
 ventricles, Gaussian noise. Findings are planted where a label says so: "hemorrhage" as small
 bright (acute-blood, 65-85 HU) blobs in the brain, "hydrocephalus" as enlarged ventricles. The
 images are written as NIfTI in varied orientations so the ingest's reorientation is exercised.
+
+`ingest_synthetic_sites` is the whole path from nothing to labelled site stores, shared by the demo
+and the end-to-end tests: NIfTI files plus a label CSV per site (`write_site`), the real ingest job
+into one store per site, and labels joined by the pseudonymised NIfTI path (`make_labels`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 FINDINGS = ("hemorrhage", "hydrocephalus")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_head(
@@ -103,3 +110,51 @@ def write_site(
         nib.save(img, path)
         rows.append({"file": str(path.relative_to(folder)), "patient": patient, **labels})
     return rows
+
+
+def ingest_synthetic_sites(
+    out: str | Path,
+    sites: dict[str, int],
+    seed: int = 100,
+    ingest_overrides: Sequence[str] = (),
+    prevalence: float = 0.4,
+    log: Callable[[str], None] = print,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Synthetic scans -> ingest -> labels, for the demo and the tests.
+
+    For each site (name -> number of synthetic scans, site k drawn with seed `seed + k`), writes
+    `out/raw/<site>/synthetic/<patient>/<scan>.nii.gz` and `out/raw/<site>_labels.csv` unless they
+    exist (anything else under `out/raw/<site>`, e.g. linked real scans, is ingested as well), runs
+    `run_ingest` into `out/stores/<site>` (`configs/ingest/default.yaml` + `ingest_overrides`; the
+    patient is the NIfTI file's folder), then derives `out/labels/labels.parquet` from one label CSV
+    of every site with `make_labels` (`configs/labels/synthetic.yaml`). The site secret must be in
+    the environment (`FMCT_SITE_SECRET`). Returns (labels, label report).
+    """
+    from fmct_ray import config as config_lib
+    from fmct_ray.eval.labels import LabelConfig, make_labels
+    from fmct_ray.ingest import SiteStore
+    from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
+
+    out = Path(out)
+    overrides = ["patient_id_pattern=([^/]+)/[^/]+$", *ingest_overrides]
+    cfg = config_lib.load(IngestConfig, ROOT / "configs/ingest/default.yaml", overrides)
+    label_rows = []
+    for k, (site, n) in enumerate(sites.items()):
+        raw, csv = out / "raw" / site, out / "raw" / f"{site}_labels.csv"
+        if not csv.exists():
+            rows = write_site(raw / "synthetic", n=n, seed=seed + k, prevalence=prevalence)
+            pd.DataFrame([{**r, "file": f"synthetic/{r['file']}"} for r in rows]).to_csv(csv, index=False)
+        log(f"\n== ingest {site} from {raw}")
+        log(f"== {site}: {run_ingest(site, str(raw), str(out / 'stores' / site), cfg)}")
+        label_rows.append(pd.read_csv(csv))
+    public = out / "raw" / "labels_all_sites.csv"
+    pd.concat(label_rows).to_csv(public, index=False)
+    manifest = pd.concat([SiteStore(str(out / "stores" / site)).manifest() for site in sites])
+    labels, report = make_labels(
+        config_lib.load(LabelConfig, ROOT / "configs/labels/synthetic.yaml"),
+        manifest,
+        out / "labels",
+        public=public,
+    )
+    log(f"== labels: {len(labels)} scans\n{report.to_string(index=False)}")
+    return labels, report

@@ -1,6 +1,7 @@
-"""Ray Tune sweeps on CPU: several concurrent trials on a local Ray, and (slow) a sweep submitted
-through `jobs/finetune.py` to a real local cluster, killed midway and resumed without re-running
-the trials that had finished."""
+"""Ray Tune sweeps on CPU: several concurrent trials on a local Ray, a sweep whose results,
+predictions, inputs and Tune state live on (loopback) S3 and whose second run restores it from
+there, and (slow) a sweep submitted through `jobs/finetune.py` to a real local cluster, killed
+midway and resumed without re-running the trials that had finished."""
 
 import os
 import signal
@@ -16,8 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from fmct_ray import config as C
+from fmct_ray.storage import StorageConfig
 from fmct_ray.testing import RayCluster
-from fmct_ray.train.finetune import FinetuneConfig
+from fmct_ray.train.finetune_config import FinetuneConfig
 from fmct_ray.train.tune import SweepLaunch, run_finetune_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +53,8 @@ def write_embedding_study(folder: Path, n: int = 40, dim: int = 16) -> dict[str,
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(s3):
+    """Started after the loopback S3 server, so that trial processes inherit its credentials."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -76,6 +79,46 @@ def test_concurrent_probe_trials(tmp_path, ray_local):
     assert len(list((tmp_path / "runs" / "s" / "predictions").glob("*.parquet"))) == 8
     again = run_finetune_sweep(cfg, launch)  # a finished sweep is restored, nothing re-runs
     assert sorted(again["trial_id"]) == sorted(frame["trial_id"])
+
+
+def test_sweep_on_s3_restores_finished_trials_from_s3(tmp_path, s3, ray_local):
+    """Labels, embeddings, Tune state and predictions on s3://; the second run of the same study
+    restores the experiment from S3 and re-runs nothing."""
+    fs = s3.filesystem()
+    fs.mkdir("sweeps")
+    paths = write_embedding_study(tmp_path)
+    for name, local in paths.items():
+        fs.put(local, f"sweeps/inputs/{name}.parquet")
+    keys = {"key_env": "AWS_ACCESS_KEY_ID", "secret_env": "AWS_SECRET_ACCESS_KEY"}
+    launch = SweepLaunch(
+        name="s3study",
+        storage_path="s3://sweeps/runs",
+        labels="s3://sweeps/inputs/labels.parquet",
+        embeddings="s3://sweeps/inputs/embeddings.parquet",
+        cpus_per_trial=0.5,
+        storage=StorageConfig(endpoint_url=s3.endpoint, **keys),
+    )
+    cfg = C.load(
+        FinetuneConfig,
+        DEBUG,
+        ["sweep.tasks=[Hydrocephalus]", "sweep.modes=[linear]", "sweep.shots=[0, 4]", "sweep.seeds=2"],
+    )
+    frame = run_finetune_sweep(cfg, launch)
+    assert len(frame) == 2 * (1 + 2) and frame["val_auroc"].between(0.5, 1).all(), frame["val_auroc"]
+    fs.invalidate_cache()
+    assert fs.glob("sweeps/runs/s3study/tune/finetune/experiment_state-*.json")
+    written = {p: fs.info(p)["LastModified"] for p in fs.glob("sweeps/runs/s3study/predictions/*.parquet")}
+    assert len(written) == len(frame)
+    with fs.open(sorted(written)[0], "rb") as f:
+        preds = pd.read_parquet(f)
+    assert set(preds["eval_site"]) == {"A", "B"} and (preds["split"] == "test").all()
+    assert preds["score"].between(0, 1).all() and preds["label"].isin([0, 1]).all()
+    again = run_finetune_sweep(cfg, launch)  # restored from S3: the finished trials are not re-run
+    assert sorted(again["trial_id"]) == sorted(frame["trial_id"])
+    fs.invalidate_cache()
+    assert {p: fs.info(p)["LastModified"] for p in fs.glob("sweeps/runs/s3study/predictions/*.parquet")} == (
+        written
+    )
 
 
 @pytest.mark.slow

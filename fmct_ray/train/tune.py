@@ -33,7 +33,8 @@ import torch
 
 from fmct_ray.data.embed import load_embeddings
 from fmct_ray.storage import StorageConfig, atomic_write, filesystem, join
-from fmct_ray.train.finetune import FinetuneConfig, run_finetune
+from fmct_ray.train.finetune import run_finetune
+from fmct_ray.train.finetune_config import FinetuneConfig
 
 METRIC = "val_auroc"
 
@@ -46,13 +47,13 @@ class SweepLaunch:
         name: study name: Tune experiments go to `<storage_path>/<name>/tune/<experiment>`, run
             predictions to `<storage_path>/<name>/predictions/`; the same name resumes.
         storage_path: local folder or s3://bucket/prefix for results, checkpoints, predictions.
-        labels: labels.parquet (jobs/labels.py) of every site.
-        embeddings: embeddings Parquet (fast path of the frozen modes).
+        labels: labels.parquet (jobs/labels.py) of every site (local or s3://).
+        embeddings: embeddings Parquet (fast path of the frozen modes; local or s3://).
         stores: site -> store URI (volume path: full fine-tuning, scratch).
         cpus_per_trial: CPUs per trial (fractions allowed for small probes).
         gpus_per_trial: GPUs per trial (fractions allowed for small probes).
         max_concurrent: concurrent trials (0: as many as the resources allow).
-        storage: credentials reference of the storage path.
+        storage: credentials reference of the storage path (and of s3:// labels and embeddings).
     """
 
     name: str
@@ -133,8 +134,11 @@ def run_config(cfg: FinetuneConfig, run: dict[str, Any]) -> FinetuneConfig:
 # -- inside a trial ---------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
 def load_table(labels: str, embeddings: str | None, storage: StorageConfig | None = None) -> pd.DataFrame:
-    """Labels, joined with the cached embeddings when given (read once per worker process)."""
-    table = pd.read_parquet(labels)
+    """Labels, joined with the cached embeddings when given (read once per worker process); both
+    may be local or on the sweep's storage."""
+    fs, path = filesystem(labels, storage)
+    with fs.open(path, "rb") as f:
+        table = pd.read_parquet(f)
     if embeddings:
         emb = load_embeddings(embeddings, storage).drop(
             columns=["patient_id", "site", "split"], errors="ignore"
