@@ -6,8 +6,8 @@ machine has (`--cores`, default all), timed by wall clock after a warm-up:
   baseline  FM-CT-style: a torch DataLoader with one worker process per core over cached 3x96^3
             fp16 volumes, MONAI transforms per sample (`bench/baseline_fmct.py`: pad to 224^3,
             2 global + 3 local crops, resize, flips, shift, smoothing, gamma).
-  local     ours: a Ray Train worker iterating `get_dataset_shard("train").iter_torch_batches()`
-            of `fmct_ray.data.source.build_dataset` over a local Zarr store (read, decode, cut the
+  local     ours: a Ray Train worker iterating its shard of the run as the training loop does
+            (`fmct_ray.data.source.iter_shard`) over a local Zarr store (read, decode, cut the
             FM-CT recipe's 2 global + 3 local int16 views on Ray Data reader actors).
   s3        the same from the loopback S3 server (moto_server, whose CPU use counts too).
 
@@ -39,8 +39,10 @@ from baseline_fmct import FMCTBaselineDINO, build_cache  # noqa: E402
 from fmct_ray import config as config_lib  # noqa: E402
 from fmct_ray.data.source import (  # noqa: E402
     DataConfig,
+    Shard,
     SiteSpec,
-    build_dataset,
+    iter_shard,
+    make_plan,
     synthetic_volume,
     write_synthetic_store,  # noqa: E402
 )
@@ -97,12 +99,8 @@ def consume(config: dict) -> None:
     """Ray Train worker: iterate the shard like the training loop does, report the rate."""
     import ray.train
 
-    shard = ray.train.get_dataset_shard("train")
-    it = iter(
-        shard.iter_torch_batches(
-            batch_size=config["batch"], drop_last=True, prefetch_batches=config["prefetch"]
-        )
-    )
+    data = config["data"]
+    it = iter(iter_shard(data, make_plan(data), config["total"], Shard(), config["batch"]))
     rate = time_batches(it, config["seconds"], config["warmup"])
     with tempfile.TemporaryDirectory() as d:  # Ray Train V2 keeps metrics only with a checkpoint
         ray.train.report(rate, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -110,16 +108,15 @@ def consume(config: dict) -> None:
 
 def bench_ray(data: DataConfig, seconds: float, batch: int, cores: int) -> dict:
     import ray.train
-    from ray.data import DataContext
     from ray.train.torch import TorchTrainer
 
-    DataContext.get_current().enable_progress_bars = False
     total = 10**5  # far more than the window consumes; the stream is lazy
     trainer = TorchTrainer(
         consume,
         train_loop_config={
+            "data": data,
+            "total": total,
             "batch": batch,
-            "prefetch": data.prefetch_batches,
             "seconds": seconds,
             "warmup": 2 * cores,
         },
@@ -127,7 +124,6 @@ def bench_ray(data: DataConfig, seconds: float, batch: int, cores: int) -> dict:
         run_config=ray.train.RunConfig(
             name=f"bench-{time.time_ns()}", storage_path=tempfile.mkdtemp(prefix="bench_runs_")
         ),
-        datasets={"train": build_dataset(data, total)},
     )
     result = trainer.fit()
     if result.error:

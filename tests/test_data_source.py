@@ -7,6 +7,7 @@ import pytest
 from fmct_ray.data.crops import MultiCropConfig
 from fmct_ray.data.source import (
     DataConfig,
+    Shard,
     SiteSpec,
     VolumeReader,
     build_dataset,
@@ -59,9 +60,9 @@ def test_plan_selects_the_split(stores):
     assert make_plan(DataConfig(sites=sites)).samples_per_epoch == 4 + 2
 
 
-def _reader(root, start=0):
+def _reader(root, shard=None):
     plan = make_plan(DataConfig(sites=(SiteSpec("A", str(root / "A")),)))
-    return VolumeReader(plan, CROPS, start=start)
+    return VolumeReader(plan, CROPS, shard or Shard())
 
 
 def _zarr_read(uri: str, scan_id: str) -> np.ndarray:
@@ -78,7 +79,7 @@ def test_fast_read_matches_zarr(stores):
 def test_crops_depend_on_the_sample_not_on_the_batch(stores):
     root, _, _ = stores
     whole = _reader(root)({"id": np.arange(4)})
-    alone = _reader(root, start=2)({"id": np.array([0])})
+    alone = _reader(root, Shard(start=0, rank=1, world=2, per_rank=2))({"id": np.array([0])})
     assert whole["global"].dtype == np.int16 and whole["global"].shape == (4, 2, 16, 16, 16)
     assert whole["local"].shape == (4, 2, 8, 8, 8)
     assert alone["index"].tolist() == [2]
@@ -121,7 +122,7 @@ def test_streaming_dataset_over_two_sites(ray2, stores):
     from ray.data import DataContext
 
     DataContext.get_current().execution_options.preserve_order = True
-    ds = build_dataset(cfg, total_samples=15, start=3)
+    ds = build_dataset(cfg, total_samples=15, shard=Shard(start=3))
     batches = list(ds.iter_torch_batches(batch_size=4, drop_last=False))
     index = np.concatenate([b["index"].numpy() for b in batches])
     assert index.tolist() == list(range(3, 15))
@@ -129,3 +130,4 @@ def test_streaming_dataset_over_two_sites(ray2, stores):
     plan = make_plan(cfg)
     assert sites.tolist() == plan.locate(index)[:, 0].tolist()
     assert batches[0]["global"].dtype.is_floating_point is False
+

@@ -11,11 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from fmct_ray import config as C
-from fmct_ray.data.source import write_synthetic_store
+from fmct_ray.data.source import Shard, write_synthetic_store
 from fmct_ray.models import load_backbone
 from fmct_ray.train import checkpoint as ckpt
 from fmct_ray.train.metrics import StepTimer
@@ -58,16 +59,40 @@ def test_checkpoint_roundtrip(tmp_path):
     assert C.load(PretrainConfig, tmp_path / "config.yaml") == cfg
 
 
-def test_resume_position_is_zero_before_the_first_checkpoint(tmp_path):
-    assert ckpt.ResumePosition(str(tmp_path), "run")() == 0
+def test_no_checkpoint_before_the_first_one(tmp_path):
+    assert ckpt.latest_checkpoint(str(tmp_path), "run") is None
     (tmp_path / "run").mkdir()
     assert ckpt.latest_checkpoint(str(tmp_path), "run") is None
 
 
-def test_micro_batches_group_and_skip_consumed_samples():
-    batches = [{"index": torch.tensor([2 * i, 2 * i + 1])} for i in range(6)]
-    groups = list(micro_batches(batches, 2, start_sample=4, timer=StepTimer()))
-    assert [[int(b["index"][0]) for b in g] for g in groups] == [[4, 6], [8, 10]]
+def test_micro_batches_group_whole_steps():
+    batches = [{"index": torch.tensor([2 * i, 2 * i + 1])} for i in range(5)]
+    groups = list(micro_batches(batches, 2, timer=StepTimer()))
+    assert [[int(b["index"][0]) for b in g] for g in groups] == [[0, 2], [4, 6]]  # the short tail is dropped
+
+
+def shard_steps(start: int, world: int, per_rank: int, total: int) -> list[list[int]]:
+    """Run samples of every optimiser step, gathered over the ranks' shards."""
+    shards = [Shard(start, r, world, per_rank) for r in range(world)]
+    steps = shards[0].rows(total) // per_rank
+    rows = [s.global_index(np.arange(steps * per_rank)).reshape(steps, per_rank) for s in shards]
+    return [sorted(np.concatenate([r[k] for r in rows]).tolist()) for k in range(steps)]
+
+
+def test_shards_cover_each_step_exactly_at_any_world_size():
+    """Step k takes the samples [kG, (k + 1) G) whatever the world size, so 1x4 and 2x2 see the same
+    scans, and a group resized at a restart (elastic) continues from the resume position with
+    neither gaps nor repeats; a tail shorter than a global batch is left out on every rank."""
+    assert (
+        shard_steps(0, 1, 4, 12)
+        == shard_steps(0, 2, 2, 12)
+        == [list(range(4 * k, 4 * k + 4)) for k in range(3)]
+    )
+    assert Shard(0, 1, 2, 2).global_index(np.arange(4)).tolist() == [2, 3, 6, 7]
+    first = shard_steps(0, 2, 2, 8)  # two steps at world 2, then resumed at world 1 (batch 2)
+    resumed = shard_steps(8, 1, 2, 15)
+    seen = [i for step in first + resumed for i in step]
+    assert seen == list(range(14)) and Shard(8, 0, 1, 2).rows(15) == 6
 
 
 # -- Ray: the per-worker loop under ray.init ---------------------------------------------------
@@ -144,15 +169,26 @@ def test_dino_run_checkpoints_and_exports(dino_run):
     assert len([p for p in Path(root, "dino").iterdir() if p.name.startswith("checkpoint_2")]) == 2
 
 
-def test_resume_position_comes_from_the_registered_checkpoint(dino_run):
+def test_latest_checkpoint_is_the_registered_one(dino_run):
     root, result = dino_run
     assert ckpt.latest_checkpoint(str(root), "dino") == result.checkpoint.path
-    assert ckpt.ResumePosition(str(root), "dino")() == 16
     # a newer folder that Ray never registered (a group that died while reporting) is ignored
     stray = Path(root, "dino", "checkpoint_2999-01-01_00-00-00.000000")
     stray.mkdir()
     (stray / "state.json").write_text(json.dumps({"step": 99, "samples": 198}))
-    assert ckpt.ResumePosition(str(root), "dino")() == 16
+    assert ckpt.latest_checkpoint(str(root), "dino") == result.checkpoint.path
+
+
+def assert_same_run(full, resumed) -> None:
+    """Bit-identical weights and the same loss at every step."""
+    a = torch.load(Path(full.checkpoint.path) / "task.pt", weights_only=True)
+    b = torch.load(Path(resumed.checkpoint.path) / "task.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["loss"] for r in rows(full.checkpoint.path)] == [
+        r["loss"] for r in rows(resumed.checkpoint.path)
+    ]
 
 
 def test_stop_and_resume_equals_uninterrupted(dino_run, store, tmp_path):
@@ -162,14 +198,42 @@ def test_stop_and_resume_equals_uninterrupted(dino_run, store, tmp_path):
     assert not (Path(part.checkpoint.path) / "teacher_backbone.pt").exists()
     resumed = fit(recipe(DINO, store), tmp_path, "part")
     assert resumed.metrics["step"] == 8
-    a = torch.load(Path(full.checkpoint.path) / "task.pt", weights_only=True)
-    b = torch.load(Path(resumed.checkpoint.path) / "task.pt", weights_only=True)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert [r["loss"] for r in rows(full.checkpoint.path)] == [
-        r["loss"] for r in rows(resumed.checkpoint.path)
-    ]
+    assert_same_run(full, resumed)
+
+
+def test_two_worker_stop_and_resume_equals_uninterrupted(ray2, store, tmp_path):
+    """With 2 workers too: each rank streams its own shard in order, so the resumed run sees the
+    same samples on the same ranks at the same steps (4 steps of global batch 4 over 8 scans)."""
+    full = fit(recipe(DINO, store), tmp_path, "full2", workers=2)
+    part = fit(recipe(DINO, store, "train.stop_after=2"), tmp_path, "part2", workers=2)
+    assert part.metrics["step"] == 2
+    resumed = fit(recipe(DINO, store), tmp_path, "part2", workers=2)
+    assert resumed.metrics["step"] == full.metrics["step"] == 4
+    assert_same_run(full, resumed)
+
+
+@pytest.mark.slow  # three Ray Train runs, about 2 minutes
+def test_elastic_group_and_a_resize_at_resume(ray2, store, tmp_path):
+    """`num_workers=(1, 2)` runs on Ray's elastic scaling; a run stopped with 2 workers and resumed
+    with 1 (a resize, as an elastic restart makes) ends with every sample of the run consumed."""
+    from fmct_ray.train.trainer import LaunchConfig, pretrain
+
+    launch = LaunchConfig(
+        name="elastic",
+        storage_path=str(tmp_path),
+        num_workers=1,
+        max_workers=2,
+        cpus_per_worker=0.5,
+        max_failures=0,
+    )
+    result = pretrain(recipe(DINO, store), launch)
+    assert result.error is None, result.error
+    assert result.metrics["samples"] == 16 and result.metrics["step"] == 16 // result.metrics["global_batch"]
+    part = fit(recipe(DINO, store, "train.stop_after=1"), tmp_path, "resize", workers=2)
+    assert (part.metrics["step"], part.metrics["samples"]) == (1, 4)
+    resumed = fit(recipe(DINO, store), tmp_path, "resize", workers=1)
+    assert (resumed.metrics["step"], resumed.metrics["samples"]) == (1 + 6, 16)  # 12 more in 6 steps of 2
+    assert [int(r["step"]) for r in rows(resumed.checkpoint.path)] == list(range(1, 8))
 
 
 def test_one_by_four_equals_two_by_two_first_step(ray2, store, tmp_path):

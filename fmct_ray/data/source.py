@@ -1,22 +1,30 @@
 """Ray Data source over one or several site stores: ids in, int16 multi-crop views out.
 
-The driver only decides *which* scan goes where: `epoch_order(seed, epoch)` draws, in numpy, the
-order of (site, manifest row) pairs of one epoch (a fresh permutation every epoch, reproducible from
-(seed, epoch), with per-site sampling weights). The dataset itself is `ray.data.range(n)` over the
-global sample indices of the run (lazy, nothing is materialised), followed by an actor
-`map_batches` (`VolumeReader`) that maps each index to its scan, reads the volume once (one GET of
-the single Zarr chunk) and cuts every view of the recipe from it. Rows carry int16 crops plus
-integer ids only (`iter_torch_batches` raises on string columns).
+The driver reads the manifests (`make_plan`: scan ids only); which scan is the run's sample `i` is
+decided in numpy by `epoch_order(seed, epoch)`, the order of (site, manifest row) pairs of one epoch
+(a fresh permutation every epoch, reproducible from (seed, epoch), with per-site sampling weights).
+The dataset itself is a lazy stream of row ids (`index_dataset`; nothing is materialised),
+followed by an actor `map_batches` (`VolumeReader`) that maps each row to its sample and scan,
+reads the volume once (one GET of the single Zarr chunk) and cuts every view of the recipe from
+it. Rows carry int16 crops plus integer ids only (`iter_torch_batches` raises on string columns).
 
 Sample `i` of the run belongs to epoch `i // samples_per_epoch`; its crops use
-`np.random.default_rng([seed, i])`, so they do not depend on which worker cut them, and a run
-resumed at sample `s` (`build_dataset(..., start=s)`) sees exactly the samples an uninterrupted run
-would have seen from `s` on.
+`np.random.default_rng([seed, i])`, so they do not depend on which worker cut them.
+
+Each training worker streams its own `Shard` of the run (`build_dataset(..., shard=...)`, built in
+the worker): optimiser step `k` takes the samples `[k G, (k + 1) G)` of the run (G, the global
+batch), rank `r` the `r`-th slice of `L = G / world` of them, in order. So which sample feeds which
+rank at which step is a function of (start, world, batch) alone, never of timing, and a run resumed
+at sample `s` (`start=s`) sees exactly the samples an uninterrupted run sees from `s` on, at any
+world size. (Ray's `streaming_split` hands blocks to whichever rank asks first, which is fast but
+makes the assignment, and so a resumed multi-worker run, depend on timing.) Rows reach the worker
+in shard order only with `DataConfig.preserve_order`; otherwise in the order reads finish.
 """
 
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,12 +64,15 @@ class DataConfig:
         seed: seed of the epoch orders and of the per-sample crop generators.
         crops: multi-crop views cut on the CPU workers.
         samples_per_epoch: epoch length in samples (None: all scans of the split).
-        readers: reader actors (the minimum when `max_readers` is set).
+        readers: reader actors per training worker (the minimum when `max_readers` is set).
         max_readers: autoscale the reader pool up to this many actors (None: fixed `readers`).
         cpus_per_reader: CPUs reserved per reader actor.
         volumes_per_task: volumes per `map_batches` call (rows per output block).
         prefetch_batches: batches each training worker prefetches.
-        preserve_order: deliver samples in order (exact resume with one worker; slightly slower).
+        preserve_order: deliver each worker's shard in order: a resumed run then matches an
+            uninterrupted one exactly, at any world size, with no sample repeated or skipped.
+            Costs throughput (about half in `bench/bench_datapath.py`); without it, samples in
+            flight at a stop (a few per reader actor) may be repeated or skipped on resume.
     """
 
     sites: tuple[SiteSpec, ...] = ()
@@ -155,20 +166,51 @@ def make_plan(cfg: DataConfig) -> Plan:
 
 
 # -- reading and cutting (inside Ray workers) ------------------------------------------------
+@dataclass(frozen=True)
+class Shard:
+    """Which samples of the run one training worker streams, from sample `start` on.
+
+    Args:
+        start: first sample of the stream (the resume position).
+        rank: this worker's rank.
+        world: number of training workers.
+        per_rank: samples per rank per optimiser step (batch x accumulation).
+    """
+
+    start: int = 0
+    rank: int = 0
+    world: int = 1
+    per_rank: int = 1
+
+    def global_index(self, j: np.ndarray) -> np.ndarray:
+        """Run sample index of the shard's `j`-th row."""
+        j = np.asarray(j, np.int64)
+        step, offset = np.divmod(j, self.per_rank)
+        return self.start + step * self.per_rank * self.world + self.rank * self.per_rank + offset
+
+    def rows(self, total_samples: int) -> int:
+        """Rows of the shard: whole steps of the run's remaining samples, so every rank has as many."""
+        steps = max(0, total_samples - self.start) // (self.per_rank * self.world)
+        return steps * self.per_rank
+
+
 class VolumeReader:
-    """`map_batches` actor: {"id": int64} -> {"global", ["local"], "site", "index"}.
+    """`map_batches` actor: {"id": shard row} -> {"global", ["local"], "site", "index"}.
 
     Args:
         plan: the run's scan ids and epoch length.
         crops: the views to cut.
-        start: global index of the dataset's first row (resume position).
+        shard: maps the dataset's rows to run samples.
     """
 
-    def __init__(self, plan: Plan, crops: MultiCropConfig, start: int = 0) -> None:
-        self.plan, self.start = plan, start
+    def __init__(
+        self, plan: Plan, crops: MultiCropConfig, shard: Shard = Shard(), io_threads: int = 4
+    ) -> None:
+        self.plan, self.shard = plan, shard
         self.cut = MultiCrop(crops)
         self.stores: dict[int, SiteStore] = {}  # opened on first use: a reader resolves only the
         # credentials of the sites it actually reads (site-pinned readers never see the others')
+        self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="fmct-read")
 
     def read(self, site: int, scan_id: str) -> np.ndarray:
         if site not in self.stores:
@@ -177,11 +219,15 @@ class VolumeReader:
         return self.stores[site].read_volume(scan_id)  # metadata + single chunk, one round trip
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        index = batch["id"].astype(np.int64) + self.start
+        index = self.shard.global_index(batch["id"])
         where = self.plan.locate(index)
+        # Every volume of the batch is fetched and decoded at once on I/O threads, so the round
+        # trips of the later ones overlap the cutting of the first (object storage latency is tens
+        # of ms per GET; the cutting runs here, in order).
+        volumes = self.io.map(lambda sr: self.read(int(sr[0]), self.plan.scan_ids[sr[0]][sr[1]]), where)
         views = [
-            self.cut(self.read(int(s), self.plan.scan_ids[s][r]), np.random.default_rng([self.plan.seed, i]))
-            for (s, r), i in zip(where, index, strict=True)
+            self.cut(volume, np.random.default_rng([self.plan.seed, i]))
+            for volume, i in zip(volumes, index, strict=True)
         ]
         out = {"global": np.stack([v["global"] for v in views]), "site": where[:, 0], "index": index}
         if self.cut.cfg.n_local:
@@ -189,19 +235,17 @@ class VolumeReader:
         return out
 
 
-def index_dataset(start: int, stop: int, rows_per_block: int, read_tasks: int = 64, num_cpus: float = 0.1):
-    """Lazy dataset of {"id": 0 .. stop - start - 1} (offsets from `start`), `rows_per_block` per block.
+def index_dataset(n: int, rows_per_block: int, read_tasks: int = 64, num_cpus: float = 0.0):
+    """Lazy dataset of {"id": 0 .. n - 1}, `rows_per_block` per block.
 
-    Like `ray.data.range`, but its read tasks reserve only `num_cpus` (ids are free to make; a
-    full CPU per read task starves small clusters whose CPUs are held by training workers and
-    readers) and each task streams many small blocks, so a long run needs few tasks.
+    Like `ray.data.range`, but its read tasks reserve no CPU (ids are free to make; a CPU per read
+    task starves small clusters whose CPUs are held by training workers and readers) and each task
+    streams many small blocks, so a long run needs few tasks.
     """
     import pyarrow as pa
     import ray.data
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
-
-    n = max(0, stop - start)
 
     def blocks(lo: int, hi: int):
         for a in range(lo, hi, rows_per_block):
@@ -224,17 +268,19 @@ def index_dataset(start: int, stop: int, rows_per_block: int, read_tasks: int = 
     return ray.data.read_datasource(_Ids(), num_cpus=num_cpus)
 
 
-def _select_sites(batch: dict[str, np.ndarray], plan: Plan, sites: tuple[int, ...], start: int) -> dict:
+def _select_sites(batch: dict[str, np.ndarray], plan: Plan, sites: tuple[int, ...], shard: Shard) -> dict:
     """Keep the rows whose sample belongs to one of `sites` (cheap: ids only)."""
-    keep = np.isin(plan.locate(batch["id"] + start)[:, 0], sites)
+    keep = np.isin(plan.locate(shard.global_index(batch["id"]))[:, 0], sites)
     return {"id": batch["id"][keep]}
 
 
-def build_dataset(cfg: DataConfig, total_samples: int, start: int = 0, plan: Plan | None = None):
-    """The lazy Ray Dataset of samples [start, total_samples) of a run.
+def build_dataset(cfg: DataConfig, total_samples: int, shard: Shard = Shard(), plan: Plan | None = None):
+    """The lazy Ray Dataset of one worker's shard of samples [shard.start, total_samples) of a run.
 
-    Readers of sites that name a `resource` run only where that resource exists (one pipeline per
-    resource, unioned); otherwise one pipeline serves every site.
+    Rows come in shard order when the executing `DataContext` preserves order (`iter_shard` sets
+    it from `cfg.preserve_order`). Readers of sites that name a `resource` run only where that
+    resource exists (one pipeline per resource, unioned; order then holds per site only);
+    otherwise one pipeline serves every site.
     """
     plan = plan or make_plan(cfg)
     groups: dict[str | None, list[int]] = {}
@@ -243,13 +289,13 @@ def build_dataset(cfg: DataConfig, total_samples: int, start: int = 0, plan: Pla
     rows_per_block = max(cfg.volumes_per_task, 1)  # one reader call per block
     pipelines = []
     for resource, members in groups.items():
-        ds = index_dataset(start, total_samples, rows_per_block)
+        ds = index_dataset(shard.rows(total_samples), rows_per_block)
         if len(groups) > 1:
             ds = ds.map_batches(
                 _select_sites,
-                fn_kwargs={"plan": plan, "sites": tuple(members), "start": start},
+                fn_kwargs={"plan": plan, "sites": tuple(members), "shard": shard},
                 batch_format="numpy",
-                num_cpus=0.1,
+                num_cpus=0,
             )
         pipelines.append(
             ds.map_batches(
@@ -257,7 +303,7 @@ def build_dataset(cfg: DataConfig, total_samples: int, start: int = 0, plan: Pla
                 fn_constructor_kwargs={
                     "plan": plan,
                     "crops": cfg.crops,
-                    "start": start,
+                    "shard": shard,
                 },
                 batch_size=cfg.volumes_per_task,
                 batch_format="numpy",
@@ -269,21 +315,17 @@ def build_dataset(cfg: DataConfig, total_samples: int, start: int = 0, plan: Pla
     return pipelines[0] if len(pipelines) == 1 else pipelines[0].union(*pipelines[1:])
 
 
-class DatasetFactory:
-    """A picklable `() -> Dataset` for `TorchTrainer(datasets=...)`.
+def iter_shard(cfg: DataConfig, plan: Plan, total_samples: int, shard: Shard, batch_size: int, device="auto"):
+    """A training worker's batches of its shard (whole batches only), built and run in the worker."""
+    from ray.data import DataContext
 
-    Ray Train calls it every time it (re)starts the worker group, so a group restarted after a
-    failure streams from the data position of the checkpoint it resumes from (`resume_position`),
-    not from the start of the run.
-    """
-
-    def __init__(self, cfg: DataConfig, total_samples: int, resume_position=None, plan: Plan | None = None):
-        self.cfg, self.total, self.resume_position = cfg, total_samples, resume_position
-        self.plan = plan or make_plan(cfg)
-
-    def __call__(self):
-        start = int(self.resume_position()) if self.resume_position else 0
-        return build_dataset(self.cfg, self.total, start=start, plan=self.plan)
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = cfg.preserve_order  # exact resume (see DataConfig)
+    ctx.enable_progress_bars = False  # one bar per worker floods the job log
+    ds = build_dataset(cfg, total_samples, shard=shard, plan=plan)
+    return ds.iter_torch_batches(
+        batch_size=batch_size, drop_last=True, prefetch_batches=cfg.prefetch_batches, device=device
+    )
 
 
 # -- synthetic stores for tests and benchmarks -----------------------------------------------

@@ -88,27 +88,6 @@ def load(directory: str | Path, rank: int, task, optimizer) -> dict:
     return json.loads((d / "state.json").read_text())
 
 
-class ResumePosition:
-    """`() -> int`: samples consumed at the run's latest registered checkpoint (0 when none).
-
-    The position is our own `state.json` inside that checkpoint. Which checkpoint is the latest
-    *registered* one (reported by every rank, the one Ray Train hands the restarted workers) comes
-    from Ray's public `Result.from_path`, not from the newest folder in storage, which may be a
-    half-written checkpoint of a worker group that died while reporting. Called by the dataset
-    factory each time the worker group (re)starts.
-    """
-
-    def __init__(self, storage_path: str, name: str, storage: StorageConfig | None = None) -> None:
-        self.storage_path, self.name, self.storage = storage_path.rstrip("/"), name, storage
-
-    def __call__(self) -> int:
-        checkpoint = latest_checkpoint(self.storage_path, self.name, self.storage)
-        if checkpoint is None:
-            return 0
-        fs, root = filesystem(checkpoint, self.storage)
-        return int(json.loads(fs.cat_file(join(root, "state.json")))["samples"])
-
-
 def latest_checkpoint(storage_path: str, name: str, storage: StorageConfig | None = None) -> str | None:
     """URI of the run's latest registered checkpoint folder, or None before the first one."""
     from ray.train import Result

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from fmct_ray.data.augment import AugmentConfig, GPUAugment
-from fmct_ray.data.source import DataConfig
+from fmct_ray.data.source import DataConfig, Shard, iter_shard
 from fmct_ray.objectives import (
     DINOConfig,
     DINOTask,
@@ -242,12 +242,8 @@ def train_step(loop: Loop, micro_batches: list[dict], step: int) -> dict[str, fl
 
 
 # -- the worker function -----------------------------------------------------------------------
-def micro_batches(batches, n: int, start_sample: int, timer: StepTimer):
-    """Group the shard's batches into lists of `n` micro-batches, timing the wait for each.
-
-    Batches whose samples all precede `start_sample` are skipped (a dataset that restarted from
-    an older position than the checkpoint's; normally the dataset already starts there).
-    """
+def micro_batches(batches, n: int, timer: StepTimer):
+    """Group the shard's batches into lists of `n` micro-batches, timing the wait for each."""
     group: list[dict] = []
     it = iter(batches)
     while True:
@@ -256,8 +252,6 @@ def micro_batches(batches, n: int, start_sample: int, timer: StepTimer):
         timer.waited(time.perf_counter() - t0)
         if batch is None:
             return
-        if int(batch["index"].max()) < start_sample:
-            continue
         group.append(batch)
         if len(group) == n:
             yield group
@@ -336,28 +330,25 @@ def export_backbone(task, path: Path) -> Path:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point. `config`: {"cfg": PretrainConfig (resolved), "length": RunLength}."""
+    """Ray Train entry point. `config`: {"cfg": PretrainConfig (resolved), "length": RunLength,
+    "plan": Plan (the run's scan ids)}."""
     import ray.train
 
     cfg, length = config["cfg"], config["length"]
     loop = build_loop(cfg, length)
     state = restore(loop)
     world = ray.train.get_context().get_world_size()
-    per_step = cfg.train.batch_size * cfg.train.accum_steps * world
+    per_rank = cfg.train.batch_size * cfg.train.accum_steps
     # Elastic restarts may change the world size: run what the remaining samples allow.
-    steps_left = max(0, (length.total_samples - state["samples"]) // per_step)
-    total = state["step"] + steps_left
-    shard = ray.train.get_dataset_shard("train")
-    batches = shard.iter_torch_batches(
-        batch_size=cfg.train.batch_size,
-        drop_last=True,
-        prefetch_batches=cfg.data.prefetch_batches,
-        device=loop.device,
-    )
+    shard = Shard(start=state["samples"], rank=loop.rank, world=world, per_rank=per_rank)
+    total = state["step"] + shard.rows(length.total_samples) // per_rank
     stop = total if cfg.train.stop_after is None else min(total, cfg.train.stop_after)
     timer = StepTimer()
-    groups = micro_batches(batches, cfg.train.accum_steps, state["samples"], timer)
-    run_steps(loop, groups, timer, state, (stop, total), per_step)
+    batches = iter_shard(
+        cfg.data, config["plan"], length.total_samples, shard, cfg.train.batch_size, loop.device
+    )
+    groups = micro_batches(batches, cfg.train.accum_steps, timer)
+    run_steps(loop, groups, timer, state, (stop, total), per_rank * world)
 
 
 def run_steps(

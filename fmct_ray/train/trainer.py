@@ -1,18 +1,18 @@
 """Build and run the Ray Train `TorchTrainer` of a pretraining run (driver side).
 
-The driver reads the site manifests (ids only), fixes the run length for the launch's world size,
-resolves epoch-valued settings into steps, and hands Ray Train a dataset *factory*: Ray calls it
-each time it (re)starts the worker group, and it streams from the data position of the checkpoint
-the group resumes from. Re-submitting with the same run name and storage path resumes the run.
+The driver reads the site manifests (ids only), fixes the run length for the launch's world size
+and resolves epoch-valued settings into steps; each worker then streams its own shard of the run
+from the data position of the checkpoint it resumes from (`fmct_ray.data.source.Shard`).
+Re-submitting with the same run name and storage path resumes the run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fmct_ray.data.source import DatasetFactory, make_plan
+from fmct_ray.data.source import make_plan
 from fmct_ray.storage import StorageConfig
-from fmct_ray.train.checkpoint import ResumePosition, storage_filesystem
+from fmct_ray.train.checkpoint import storage_filesystem
 from fmct_ray.train.pretrain import PretrainConfig, resolve, run_length, train_loop_per_worker
 
 
@@ -43,25 +43,17 @@ class LaunchConfig:
 
 def build_trainer(cfg: PretrainConfig, launch: LaunchConfig):
     import ray.train
-    from ray.data import DataContext, ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    DataContext.get_current().enable_progress_bars = False  # propagated to workers; keeps logs readable
     plan = make_plan(cfg.data)
     world = launch.max_workers or launch.num_workers
     length = run_length(cfg, plan.samples_per_epoch, world)
     resolved = resolve(cfg, length)
-    factory = DatasetFactory(
-        cfg.data,
-        length.total_samples,
-        ResumePosition(launch.storage_path, launch.name, launch.storage),
-        plan=plan,
-    )
     path, fs = storage_filesystem(launch.storage_path, launch.storage)
     workers = (launch.num_workers, launch.max_workers) if launch.max_workers else launch.num_workers
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": resolved, "length": length},
+        train_loop_config={"cfg": resolved, "length": length, "plan": plan},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=launch.use_gpu, resources_per_worker={"CPU": launch.cpus_per_worker}
         ),
@@ -71,11 +63,6 @@ def build_trainer(cfg: PretrainConfig, launch: LaunchConfig):
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=launch.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-        ),
-        datasets={"train": factory},
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"],
-            execution_options=ExecutionOptions(preserve_order=cfg.data.preserve_order),
         ),
     )
 
