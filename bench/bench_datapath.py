@@ -131,7 +131,7 @@ def bench_ray(data: DataConfig, seconds: float, batch: int, cores: int) -> dict:
     return dict(result.metrics)
 
 
-def data_config(sites: tuple[SiteSpec, ...], cores: int) -> DataConfig:
+def data_config(sites: tuple[SiteSpec, ...], cores: int, preserve_order: bool = False) -> DataConfig:
     """The FM-CT DINO recipe's data section (crops, prefetch) on `cores` reader actors."""
     recipe = config_lib.load(PretrainConfig, RECIPE).data
     return DataConfig(
@@ -141,6 +141,7 @@ def data_config(sites: tuple[SiteSpec, ...], cores: int) -> DataConfig:
         cpus_per_reader=0.9,
         volumes_per_task=recipe.volumes_per_task,
         prefetch_batches=recipe.prefetch_batches,
+        preserve_order=preserve_order,
         seed=0,
     )
 
@@ -161,6 +162,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--cores", type=int, default=os.cpu_count())
     p.add_argument("--paths", nargs="*", default=["baseline", "local", "s3"])
+    p.add_argument("--preserve-order", action="store_true", help="data.preserve_order (exact resume)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
 
@@ -192,7 +194,7 @@ def main() -> None:
         try:
             for name, uri in (("local", local), ("s3", remote)):
                 if name in args.paths:
-                    cfg = data_config((SiteSpec(name, uri),), args.cores)
+                    cfg = data_config((SiteSpec(name, uri),), args.cores, args.preserve_order)
                     server, t0 = psutil.Process(s3.proc.pid), time.perf_counter()
                     cpu0 = sum(server.cpu_times()[:2])
                     out[name] = bench_ray(cfg, args.seconds, args.batch, args.cores)

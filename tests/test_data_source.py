@@ -130,4 +130,3 @@ def test_streaming_dataset_over_two_sites(ray2, stores):
     plan = make_plan(cfg)
     assert sites.tolist() == plan.locate(index)[:, 0].tolist()
     assert batches[0]["global"].dtype.is_floating_point is False
-

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fmct_ray import config as C
-from fmct_ray.data.source import Shard, write_synthetic_store
+from fmct_ray.data.source import Shard, fold_consumed, write_synthetic_store
 from fmct_ray.models import load_backbone
 from fmct_ray.train import checkpoint as ckpt
 from fmct_ray.train.metrics import StepTimer
@@ -93,6 +93,28 @@ def test_shards_cover_each_step_exactly_at_any_world_size():
     resumed = shard_steps(8, 1, 2, 15)
     seen = [i for step in first + resumed for i in step]
     assert seen == list(range(14)) and Shard(8, 0, 1, 2).rows(15) == 6
+
+
+def test_a_resume_after_unordered_reads_trains_on_every_sample_once():
+    """Without preserve_order the steps before a stop train on samples spread over the shard; the
+    resume position (start + skip) leaves exactly those out, at any world size."""
+    rng = np.random.default_rng(0)
+    first = rng.permutation(20)[:8]  # 2 steps of global batch 4, taken from anywhere in [0, 20)
+    start, skip = fold_consumed(0, (), first)
+    assert start + len(skip) == 8 and start not in first and all(s > start for s in skip)
+    more = np.concatenate(
+        [Shard(start, r, 2, 2, skip).global_index(np.arange(2)) for r in range(2)]  # one more step
+    )
+    start, skip = fold_consumed(start, skip, more)
+    assert start + len(skip) == 12 and not set(more) & set(first)
+    per_rank, total = 4, 30  # resumed at world 1 (batch 4): 4 more steps, the last 2 samples left out
+    rest = Shard(start, 0, 1, per_rank, skip)
+    assert rest.rows(total) == 16
+    rest = rest.global_index(np.arange(16))
+    assert sorted([*first, *more, *rest]) == list(range(28))
+    assert fold_consumed(start, skip, rest) == (28, ())
+    with pytest.raises(RuntimeError, match="trained on twice"):
+        fold_consumed(start, skip, [skip[0]] if skip else [start - 1])
 
 
 # -- Ray: the per-worker loop under ray.init ---------------------------------------------------
@@ -210,6 +232,18 @@ def test_two_worker_stop_and_resume_equals_uninterrupted(ray2, store, tmp_path):
     resumed = fit(recipe(DINO, store), tmp_path, "part2", workers=2)
     assert resumed.metrics["step"] == full.metrics["step"] == 4
     assert_same_run(full, resumed)
+
+
+def test_two_worker_unordered_stop_and_resume_trains_on_every_sample_once(ray2, store, tmp_path):
+    """Reads finishing in any order (2 readers, no preserve_order): a stop and a resume still end
+    with each of the run's 16 samples trained on exactly once (`fold_consumed` raises on a repeat)."""
+    fast = ("data.preserve_order=false", "data.readers=2")
+    part = fit(recipe(DINO, store, "train.stop_after=2", *fast), tmp_path, "unordered", workers=2)
+    state = json.loads((Path(part.checkpoint.path) / "state.json").read_text())
+    assert state["samples"] == 8 and len(state["skip"]) < 8
+    resumed = fit(recipe(DINO, store, *fast), tmp_path, "unordered", workers=2)
+    state = json.loads((Path(resumed.checkpoint.path) / "state.json").read_text())
+    assert (state["step"], state["samples"], state["skip"]) == (4, 16, [])
 
 
 @pytest.mark.slow  # three Ray Train runs, about 2 minutes

@@ -17,8 +17,15 @@ batch), rank `r` the `r`-th slice of `L = G / world` of them, in order. So which
 rank at which step is a function of (start, world, batch) alone, never of timing, and a run resumed
 at sample `s` (`start=s`) sees exactly the samples an uninterrupted run sees from `s` on, at any
 world size. (Ray's `streaming_split` hands blocks to whichever rank asks first, which is fast but
-makes the assignment, and so a resumed multi-worker run, depend on timing.) Rows reach the worker
-in shard order only with `DataConfig.preserve_order`; otherwise in the order reads finish.
+makes the assignment, and so a resumed multi-worker run, depend on timing.)
+
+Rows reach the worker in shard order only with `DataConfig.preserve_order`; otherwise in the order
+reads finish, and Ray Data hands each reader a long run of consecutive ids, so the samples the
+first steps train on are far apart. Every row carries its run index: the training loop records
+which samples went into optimiser steps, and `fold_consumed` turns that into the resume position,
+every sample below `start` plus the sorted `skip` list above it, which a resumed stream leaves out
+(`Shard.skip`). So no sample is trained on twice or skipped in either mode; with `preserve_order`
+the resumed run is also identical to an uninterrupted one step for step.
 """
 
 from __future__ import annotations
@@ -69,10 +76,10 @@ class DataConfig:
         cpus_per_reader: CPUs reserved per reader actor.
         volumes_per_task: volumes per `map_batches` call (rows per output block).
         prefetch_batches: batches each training worker prefetches.
-        preserve_order: deliver each worker's shard in order: a resumed run then matches an
-            uninterrupted one exactly, at any world size, with no sample repeated or skipped.
-            Costs throughput (about half in `bench/bench_datapath.py`); without it, samples in
-            flight at a stop (a few per reader actor) may be repeated or skipped on resume.
+        preserve_order: deliver each worker's shard in order, so that a resumed run matches an
+            uninterrupted one step for step, at any world size. Costs throughput (about half in
+            `bench/bench_datapath.py`). Without it a resumed run still trains on every sample
+            exactly once (`fold_consumed`), in a different order.
     """
 
     sites: tuple[SiteSpec, ...] = ()
@@ -175,23 +182,42 @@ class Shard:
         rank: this worker's rank.
         world: number of training workers.
         per_rank: samples per rank per optimiser step (batch x accumulation).
+        skip: samples after `start` already trained on (sorted; `fold_consumed`), left out.
     """
 
     start: int = 0
     rank: int = 0
     world: int = 1
     per_rank: int = 1
+    skip: tuple[int, ...] = ()
 
     def global_index(self, j: np.ndarray) -> np.ndarray:
         """Run sample index of the shard's `j`-th row."""
-        j = np.asarray(j, np.int64)
-        step, offset = np.divmod(j, self.per_rank)
-        return self.start + step * self.per_rank * self.world + self.rank * self.per_rank + offset
+        step, offset = np.divmod(np.asarray(j, np.int64), self.per_rank)
+        position = step * self.per_rank * self.world + self.rank * self.per_rank + offset
+        # the position-th sample from `start` on that is not in `skip` (skip[i] has
+        # skip[i] - start - i such samples before it)
+        before = np.asarray(self.skip, np.int64) - self.start - np.arange(len(self.skip))
+        return self.start + position + np.searchsorted(before, position, side="right")
 
     def rows(self, total_samples: int) -> int:
         """Rows of the shard: whole steps of the run's remaining samples, so every rank has as many."""
-        steps = max(0, total_samples - self.start) // (self.per_rank * self.world)
-        return steps * self.per_rank
+        remaining = max(0, total_samples - self.start - len(self.skip))
+        return remaining // (self.per_rank * self.world) * self.per_rank
+
+
+def fold_consumed(start: int, skip: tuple[int, ...], consumed) -> tuple[int, tuple[int, ...]]:
+    """The resume position after training on the run indices `consumed` (all ranks) from (start, skip).
+
+    Returns the new (start, skip): every sample below `start` and every one in `skip` has been
+    trained on. Raises if a sample was trained on twice.
+    """
+    seen = np.concatenate([np.asarray(skip, np.int64), np.asarray(consumed, np.int64).ravel()])
+    done = np.unique(seen)
+    if len(done) != len(seen) or (len(done) and done[0] < start):
+        raise RuntimeError(f"a sample was trained on twice (resume position {start}, {len(skip)} skipped)")
+    prefix = int(np.sum(done == start + np.arange(len(done))))  # consecutive from `start`
+    return start + prefix, tuple(int(i) for i in done[prefix:])
 
 
 class VolumeReader:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from fmct_ray.data.augment import AugmentConfig, GPUAugment
-from fmct_ray.data.source import DataConfig, Shard, iter_shard
+from fmct_ray.data.source import DataConfig, Shard, fold_consumed, iter_shard
 from fmct_ray.objectives import (
     DINOConfig,
     DINOTask,
@@ -270,6 +270,17 @@ def global_mean(values: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
 
 
+def all_ranks(values: torch.Tensor):
+    """The concatenation of every rank's equally long 1-D `values`, as numpy on the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, values)
+        values = torch.cat(parts)
+    return values.cpu().numpy()
+
+
 def build_loop(cfg: PretrainConfig, length: RunLength) -> Loop:
     import ray.train
     import ray.train.torch
@@ -318,7 +329,8 @@ def report(loop: Loop, row: dict, state: dict, final: bool) -> None:
         )
         if final and loop.rank == 0 and loop.cfg.train.export_backbone:
             export_backbone(loop.task, Path(d) / "teacher_backbone.pt")
-        ray.train.report({**row, **state}, checkpoint=ray.train.Checkpoint.from_directory(d))
+        metrics = {**row, **{k: v for k, v in state.items() if k != "skip"}}  # skip: in state.json
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def export_backbone(task, path: Path) -> Path:
@@ -340,7 +352,8 @@ def train_loop_per_worker(config: dict) -> None:
     world = ray.train.get_context().get_world_size()
     per_rank = cfg.train.batch_size * cfg.train.accum_steps
     # Elastic restarts may change the world size: run what the remaining samples allow.
-    shard = Shard(start=state["samples"], rank=loop.rank, world=world, per_rank=per_rank)
+    skip = tuple(state.get("skip", ()))  # samples after the resume position already trained on
+    shard = Shard(state["samples"] - len(skip), loop.rank, world, per_rank, skip)
     total = state["step"] + shard.rows(length.total_samples) // per_rank
     stop = total if cfg.train.stop_after is None else min(total, cfg.train.stop_after)
     timer = StepTimer()
@@ -358,11 +371,14 @@ def run_steps(
     `checkpoint_every` and at `stop`; the checkpoint at `total` (end of the run) exports the backbone."""
     cfg, step, samples = loop.cfg, state["step"], state["samples"]
     (stop, total), log = stop_total, CSVLog(loop_csv(loop))
+    position = (samples - len(state.get("skip", ())), tuple(state.get("skip", ())))
+    consumed: list[torch.Tensor] = []  # run indices trained on since the last checkpoint
     while step < stop:
         group = next(groups, None)
         if group is None:
             raise RuntimeError(f"data ran out at step {step} of {total} (rank {loop.rank})")
         row = train_step(loop, group, step)
+        consumed += [b["index"] for b in group]
         timer.step()
         step, samples = step + 1, samples + per_step
         new_state = {
@@ -388,4 +404,7 @@ def run_steps(
                 log.write(row)
                 print_progress(row, total)
         if step % cfg.train.checkpoint_every == 0 or step == stop:
+            position = fold_consumed(*position, all_ranks(torch.cat(consumed)))
+            consumed.clear()
+            new_state["skip"] = list(position[1])
             report(loop, row if logged else {}, new_state, final=step == total)
