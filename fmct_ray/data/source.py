@@ -308,6 +308,12 @@ def build_dataset(cfg: DataConfig, total_samples: int, shard: Shard = Shard(), p
     resource exists (one pipeline per resource, unioned; order then holds per site only);
     otherwise one pipeline serves every site.
     """
+    from ray.data import DataContext
+
+    # Ray Data fails the stream at the first reader actor that dies while starting (budget 0). On a
+    # busy cluster that happens to actors it cancels itself ("never ran"); replace a few instead.
+    ctx = DataContext.get_current()
+    ctx.max_consecutive_actor_init_deaths = max(ctx.max_consecutive_actor_init_deaths, 3)
     plan = plan or make_plan(cfg)
     groups: dict[str | None, list[int]] = {}
     for i, site in enumerate(plan.sites):

@@ -309,6 +309,13 @@ def restore(loop: Loop) -> dict:
     return state
 
 
+def data_position(state: dict) -> tuple[int, tuple[int, ...]]:
+    """(start, skip) of a checkpoint's state: the samples below `start` and those in `skip` are
+    trained on (`fold_consumed`); `samples` counts both."""
+    skip = tuple(state.get("skip", ()))
+    return state["samples"] - len(skip), skip
+
+
 def loop_csv(loop: Loop) -> str:
     return str(Path(tempfile.gettempdir()) / f"fmct_metrics_{id(loop)}.csv")
 
@@ -352,8 +359,8 @@ def train_loop_per_worker(config: dict) -> None:
     world = ray.train.get_context().get_world_size()
     per_rank = cfg.train.batch_size * cfg.train.accum_steps
     # Elastic restarts may change the world size: run what the remaining samples allow.
-    skip = tuple(state.get("skip", ()))  # samples after the resume position already trained on
-    shard = Shard(state["samples"] - len(skip), loop.rank, world, per_rank, skip)
+    start, skip = data_position(state)
+    shard = Shard(start, loop.rank, world, per_rank, skip)
     total = state["step"] + shard.rows(length.total_samples) // per_rank
     stop = total if cfg.train.stop_after is None else min(total, cfg.train.stop_after)
     timer = StepTimer()
@@ -371,7 +378,7 @@ def run_steps(
     `checkpoint_every` and at `stop`; the checkpoint at `total` (end of the run) exports the backbone."""
     cfg, step, samples = loop.cfg, state["step"], state["samples"]
     (stop, total), log = stop_total, CSVLog(loop_csv(loop))
-    position = (samples - len(state.get("skip", ())), tuple(state.get("skip", ())))
+    position = data_position(state)
     consumed: list[torch.Tensor] = []  # run indices trained on since the last checkpoint
     while step < stop:
         group = next(groups, None)
