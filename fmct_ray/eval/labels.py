@@ -35,9 +35,9 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from fmct_ray.eval.scan_times import ehr_shift_days, parse_times, scan_table, site_secret
+from fmct_ray.eval.scan_times import ehr_shift_days, parse_times, scan_table
 from fmct_ray.eval.tables import markdown_table
-from fmct_ray.ingest.privacy import pseudonym
+from fmct_ray.ingest.privacy import pseudonym, site_secret
 
 TRUE = {"1", "1.0", "true", "yes", "y", "positive", "pos", "t"}
 FALSE = {"0", "0.0", "false", "no", "n", "negative", "neg", "f"}

@@ -11,20 +11,12 @@ the file.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np
 import pandas as pd
 
-from fmct_ray.ingest.privacy import date_shift_days, secret_check
-
-
-def site_secret(secret_env: str, why: str) -> bytes:
-    secret = os.environ.get(secret_env)
-    if not secret:
-        raise ValueError(f"{why} need the site secret in ${secret_env} (the one ingest used)")
-    return secret.encode()
+from fmct_ray.ingest.privacy import date_shift_days, secret_check, site_secret
 
 
 def parse_times(values: pd.Series, what: str, column: str) -> pd.Series:

@@ -29,7 +29,7 @@ import numpy as np
 
 from fmct_ray import config as config_lib
 from fmct_ray.ingest.geometry import PreprocessConfig, convert
-from fmct_ray.ingest.privacy import pseudonym, secret_check, shift_time
+from fmct_ray.ingest.privacy import pseudonym, secret_check, shift_time, site_secret
 from fmct_ray.ingest.quality import QualityConfig, check_header, check_intensities
 from fmct_ray.ingest.readers import QuarantineError, read_dicom_header, read_dicom_series, read_nifti
 from fmct_ray.ingest.store import INGEST_VERSION, SiteStore, StoreConfig
@@ -86,16 +86,6 @@ def assign_split(patient_id: str, seed: str, fractions: tuple[float, float, floa
     """Deterministic train/val/test by patient; independent of what else is in the store."""
     u = int(hashlib.sha256(f"{seed}:{patient_id}".encode()).hexdigest()[:15], 16) / 16**15
     return "train" if u < fractions[0] else "val" if u < fractions[0] + fractions[1] else "test"
-
-
-def site_secret(cfg: IngestConfig) -> bytes:
-    secret = os.environ.get(cfg.secret_env)
-    if not secret:
-        raise SystemExit(
-            f"ingest: set the site's pseudonymisation secret in ${cfg.secret_env} (any long random "
-            "string kept by the site; the same secret must be used for every run of that site)"
-        )
-    return secret.encode()
 
 
 # -- discovery (driver) ---------------------------------------------------------------------------
@@ -272,7 +262,10 @@ def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> 
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", site):
         raise ValueError(f"site name {site!r}: use letters, digits, '_', '.', '-'")
-    secret = site_secret(cfg)
+    try:
+        secret = site_secret(cfg.secret_env, "ingest runs")
+    except ValueError as err:
+        raise SystemExit(f"ingest: {err}") from None
     start = time.perf_counter()
     store = SiteStore(store_uri, cfg.output_storage)
     store.init(site)

@@ -8,6 +8,7 @@
   one patient move together, so intervals within a patient (a 90-day label window, the order of
   scans and diagnoses) are kept exactly; the time of day is kept too. The label code shifts the EHR
   table's times by the same offset before comparing them with the stored scan times.
+- `site_secret`: the secret itself, from the environment variable the config names.
 - `secret_check`: a keyed hash of a constant, stored with the shifted times, that lets later jobs
   check they hold the secret the times were shifted with (a wrong one would shift silently wrong).
 
@@ -19,7 +20,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 from datetime import datetime, timedelta
+
+
+def site_secret(secret_env: str, why: str) -> bytes:
+    """The site's secret from `$secret_env`; a ValueError saying `why` it is needed if unset."""
+    secret = os.environ.get(secret_env)
+    if not secret:
+        raise ValueError(
+            f"{why} need the site secret in ${secret_env} (a long random string kept by the site, "
+            "the same for every ingest and labels run of that site)"
+        )
+    return secret.encode()
 
 
 def pseudonym(secret: bytes, kind: str, value: str) -> str:
