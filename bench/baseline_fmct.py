@@ -8,7 +8,8 @@ this follows their description with MONAI's own transforms):
    resized to 3x96^3 and stored as float16.
 2. Per training sample, in the DataLoader workers: the cached 3x96^3 volume padded to 224^3 (the
    paper's "pad or crop to 224^3"), then for each of the 2 global and 3 local views a MONAI
-   RandSpatialCrop (112-224^3 / 64-112^3, each edge drawn independently), Resize to 96^3, and the
+   RandSpatialCrop (112-224^3 / 64-112^3, each edge drawn independently), Resize to 96^3 (MONAI's
+   default mode "area": adaptive average pooling, `F.interpolate(mode="area")`), and the
    paper's augmentations (Supplementary "Data augmentation details"): RandFlip on all three axes,
    RandShiftIntensity (offset 0.1), RandGaussianSmooth (sigma 0.5-1.0), RandAdjustContrast (gamma
    0.2-1.0). The paper gives no probabilities: 0.5 each, the same as `fmct_ray.data.augment`.
@@ -48,7 +49,7 @@ def build_cache(volume: np.ndarray) -> np.ndarray:
         ScaleIntensityRange(a_min=lv - w / 2, a_max=lv + w / 2, b_min=0.0, b_max=1.0, clip=True)(hu)
         for lv, w in WINDOWS
     ]
-    img = Resize((OUT,) * 3)(torch.cat([torch.as_tensor(c) for c in chans]))
+    img = Resize((OUT,) * 3, mode="area")(torch.cat([torch.as_tensor(c) for c in chans]))
     return torch.as_tensor(img).numpy().astype(np.float16)
 
 
@@ -58,7 +59,7 @@ def view_transform(roi: int, max_roi: int, prob: float = 0.5) -> Compose:
     return Compose(
         [
             RandSpatialCrop(roi_size=roi, max_roi_size=max_roi, random_size=True),
-            Resize((OUT,) * 3),
+            Resize((OUT,) * 3, mode="area"),  # MONAI's default mode, spelled out
             RandFlip(prob=prob, spatial_axis=0),
             RandFlip(prob=prob, spatial_axis=1),
             RandFlip(prob=prob, spatial_axis=2),

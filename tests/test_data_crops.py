@@ -68,6 +68,8 @@ def test_presets_follow_the_recipes():
     )
     assert (vx.n_global, vx.global_size, vx.n_local, vx.local_size, vx.box_shape) == (2, 112, 8, 56, "cube")
     assert (mae.n_global, mae.n_local, mae.global_size) == (1, 0, 96)
+    assert fm.resize == mae.resize == MultiCropConfig().resize == "area"  # MONAI Resize's default
+    assert vx.resize == "trilinear"
 
 
 def test_same_seed_same_views_other_seed_other_views(head):
@@ -80,15 +82,35 @@ def test_same_seed_same_views_other_seed_other_views(head):
     assert not np.array_equal(a["global"], c["global"])
 
 
-def test_views_are_the_sampled_boxes_resized(head):
-    mc = MultiCrop(fmct_multicrop())
+def area_reference(box: np.ndarray, size: int) -> np.ndarray:
+    """Adaptive average pooling along shrinking axes (F.interpolate(mode="area"), MONAI Resize),
+    then trilinear along growing ones (identity along the others)."""
+    x = torch.from_numpy(box.astype(np.float32))[None, None]
+    x = F.adaptive_avg_pool3d(x, [min(n, size) for n in box.shape])
+    return F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+def trilinear_reference(box: np.ndarray, size: int) -> np.ndarray:
+    x = torch.from_numpy(box.astype(np.float32))[None, None]
+    return F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+@pytest.mark.parametrize(
+    "preset, reference, tol",
+    [
+        # F.interpolate computes its linear weights in float32: a few hundredths of an HU apart
+        (fmct_multicrop, area_reference, 0.6),
+        (voxelfm_multicrop, trilinear_reference, 0.5 + 1e-3),
+    ],
+)
+def test_views_are_the_sampled_boxes_resized(head, preset, reference, tol):
+    mc = MultiCrop(preset())
     boxes = mc.sample_boxes(head, np.random.default_rng(3))
     out = mc(head, np.random.default_rng(3))
-    views = np.concatenate([out["global"], out["local"]])
+    views = [*out["global"], *out["local"]]
     for (lo, hi), view in zip(boxes, views, strict=True):
-        box = torch.from_numpy(head[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].astype(np.float32))
-        ref = F.interpolate(box[None, None], size=view.shape, mode="trilinear", align_corners=False)[0, 0]
-        assert np.abs(view.astype(np.float32) - ref.numpy()).max() <= 0.5 + 1e-3
+        ref = reference(head[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], view.shape[0])
+        assert np.abs(view.astype(np.float32) - ref).max() <= tol
 
 
 @pytest.mark.parametrize("placement", ["foreground", "uniform"])
@@ -168,17 +190,53 @@ def test_foreground_fraction_counts_voxels_above_threshold():
     assert foreground_fraction(vol, threshold_hu=-700) == pytest.approx(32 / 64)
 
 
-def test_resize_box_matches_trilinear_and_keeps_ramps():
+def test_resize_box_matches_trilinear_and_area_and_keeps_ramps():
     rng = np.random.default_rng(0)
     box = rng.integers(-1024, 3071, (50, 70, 40)).astype(np.int16)
-    ref = F.interpolate(torch.from_numpy(box).float()[None, None], size=(32,) * 3, mode="trilinear")[0, 0]
-    out = resize_box(box, 32, scratch=torch.empty(10**6))
-    assert out.dtype == np.int16 and out.shape == (32, 32, 32)
-    assert np.abs(out - ref.numpy()).max() <= 0.5 + 1e-3
-    np.testing.assert_array_equal(resize_box(box[:32, :32, :32], 32), box[:32, :32, :32])
-    ramp = np.broadcast_to(np.arange(0, 1000, 10, dtype=np.int16)[:, None, None], (100, 8, 8))
-    up = resize_box(np.ascontiguousarray(ramp), 50)[:, 0, 0]
-    np.testing.assert_allclose(up[1:-1], 20 * np.arange(1, 49) + 5, atol=1)  # halving a 10-step ramp
+    x = torch.from_numpy(box).float()[None, None]
+    for mode in ("trilinear", "area"):
+        ref = F.interpolate(x, size=(32,) * 3, mode=mode)[0, 0]
+        out = resize_box(box, 32, scratch=torch.empty(10**6), mode=mode)
+        assert out.dtype == np.int16 and out.shape == (32, 32, 32)
+        assert np.abs(out - ref.numpy()).max() <= 0.5 + 1e-3
+        np.testing.assert_array_equal(resize_box(box[:32, :32, :32], 32, mode=mode), box[:32, :32, :32])
+        ramp = np.broadcast_to(np.arange(0, 1000, 10, dtype=np.int16)[:, None, None], (100, 8, 8))
+        down = resize_box(np.ascontiguousarray(ramp), 50, mode=mode)[:, 0, 0]
+        np.testing.assert_allclose(down[1:-1], 20 * np.arange(1, 49) + 5, atol=1)  # halving a 10-step ramp
+    with pytest.raises(ValueError):
+        resize_box(box, 32, mode="cubic")
+
+
+def test_area_resize_is_anti_aliased():
+    """White noise of std 100 from 224^3 to 96^3: area averages 3^3-voxel bins (100 / sqrt(27) =
+    19.2); trilinear samples 8 neighbours and keeps 3x the noise."""
+    noise = np.random.default_rng(0).normal(0, 100, (N, N, N)).round().astype(np.int16)
+    scratch = torch.empty(noise.size)
+    area = resize_box(noise, 96, scratch, mode="area").std()
+    trilinear = resize_box(noise, 96, scratch, mode="trilinear").std()
+    assert 18.0 < area < 20.5, area
+    assert 56.0 < trilinear < 62.0, trilinear
+    assert eval_view(noise).std() == pytest.approx(100 / np.sqrt(8), rel=0.05)  # 2x2x2 means
+
+
+def test_area_resize_upsamples_linearly_and_keeps_constants_and_the_int16_range():
+    rng = np.random.default_rng(1)
+    small = rng.integers(-1024, 3071, (40, 60, 30)).astype(np.int16)  # every axis grows to 96
+    up = resize_box(small, 96, mode="area").astype(int) - resize_box(small, 96, mode="trilinear")
+    assert np.abs(up).max() <= 1  # the same interpolation, rounded apart at .5 ties
+    mixed = (150, 64, 96)  # shrinks, grows, stays
+    for value in (-32768, -1024, 0, 37, 32767):
+        for mode in ("area", "trilinear"):
+            out = resize_box(np.full(mixed, value, np.int16), 96, mode=mode)
+            assert out.shape == (96, 96, 96) and (out == value).all()
+    extremes = rng.choice(np.array([-32768, 32767], np.int16), mixed)
+    for mode, reference in (("area", area_reference), ("trilinear", trilinear_reference)):
+        out = resize_box(extremes, 96, mode=mode)
+        assert out.dtype == np.int16
+        assert np.abs(out - reference(extremes, 96)).max() <= 1  # no wrap-around at the extremes
+    ramp = np.repeat(np.repeat(20 * np.arange(48, dtype=np.int16)[:, None, None], 4, 1), 4, 2)
+    up = resize_box(ramp, 96, mode="area")[:, 0, 0].astype(float)
+    np.testing.assert_allclose(up[1:-1], 10 * np.arange(1, 95) - 5, atol=0.51)  # linear, not blocky
 
 
 def test_eval_view_is_the_resized_centre_crop():
@@ -194,8 +252,14 @@ def test_eval_view_is_the_resized_centre_crop():
 
 
 def test_config_loads_from_overrides_and_rejects_bad_values():
-    cfg = load(MultiCropConfig, overrides=["placement=uniform", "global_box=[100, 200]", "n_local=8"])
+    cfg = load(
+        MultiCropConfig,
+        overrides=["placement=uniform", "global_box=[100, 200]", "n_local=8", "resize=trilinear"],
+    )
     assert cfg.placement == "uniform" and cfg.global_box == (100, 200) and cfg.n_local == 8
+    assert cfg.resize == "trilinear"
+    with pytest.raises(ConfigError):
+        load(MultiCropConfig, overrides=["resize=cubic"])
     with pytest.raises(ConfigError):
         load(MultiCropConfig, overrides=["placement=anywhere"])
     with pytest.raises(ConfigError):
