@@ -25,7 +25,7 @@ import time
 import torch
 
 from fmct_ray.models import ViT3DConfig
-from fmct_ray.objectives import DINOConfig, DINOTask, OptimConfig, build_optimizer
+from fmct_ray.objectives import DINOConfig, DINOTask, OptimConfig, Progress, build_optimizer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -65,19 +65,20 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def make_step(task: DINOTask, opt: torch.optim.Optimizer, device: torch.device, amp: bool):
-    """A closure running one full training step on fixed random crops."""
+def make_step(task: DINOTask, opt: torch.optim.Optimizer, device: torch.device, amp: bool, total: int):
+    """A closure running one full training step on fixed random crops (step i of `total`)."""
 
     def step(crops, i: int) -> float:
         g, loc = crops
+        p = Progress(i + 1, total)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = task(g, loc, i)
+            out = task(g, loc, p)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        task.cancel_last_layer_grads(i)
+        task.after_backward(p)
         torch.nn.utils.clip_grad_norm_(task.student.parameters(), 3.0)
         opt.step()
-        task.update_teacher(i)
+        task.after_step(p)
         return float(out["loss"].detach())
 
     return step
@@ -98,8 +99,9 @@ def run(args: argparse.Namespace) -> dict:
     mk = lambda s, n: [torch.rand(args.batch, c.in_chans, s, s, s, device=device) for _ in range(n)]  # noqa: E731
     crops = (mk(args.global_side, args.n_global), mk(args.local_side, args.n_local))
     if args.compile:
-        task.wrap_student(torch.compile)
-    step = make_step(task, opt, device, amp=device.type == "cuda" and not args.fp32)
+        task.wrap(torch.compile)
+    amp = device.type == "cuda" and not args.fp32
+    step = make_step(task, opt, device, amp=amp, total=args.warmup + args.steps)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i in range(args.warmup):
         step(crops, i)

@@ -37,7 +37,7 @@ import torch
 
 from fmct_ray import config as config_lib
 from fmct_ray.data.source import VolumeReader, make_plan, write_synthetic_store
-from fmct_ray.objectives import build_optimizer
+from fmct_ray.objectives import Progress, build_optimizer
 from fmct_ray.train.pretrain import (
     Loop,
     PretrainConfig,
@@ -46,7 +46,6 @@ from fmct_ray.train.pretrain import (
     resolve,
     run_length,
     train_step,
-    trainable,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,13 +79,14 @@ def plain_loop(cfg: PretrainConfig, steps: int, device: torch.device) -> list[fl
         views = reader({"id": np.arange(s * b, (s + 1) * b)})
         batches.append({key: torch.from_numpy(v).to(device) for key, v in views.items()})
     task = build_task(resolved).to(device)
-    optimizer = build_optimizer(trainable(task), resolved.optim)
+    optimizer = build_optimizer(task.trainable, resolved.optim)
     task.train()
-    loop = Loop(resolved, length, task, trainable(task), optimizer, build_augment(resolved), device)
+    loop = Loop(resolved, length, task, task.trainable, optimizer, build_augment(resolved), device)
     times = []
     for step in range(steps):
         t0 = time.perf_counter()
-        train_step(loop, batches[step * k : (step + 1) * k], step)
+        progress = Progress((step + 1) * loop.global_batch, length.total_samples)
+        train_step(loop, batches[step * k : (step + 1) * k], step, progress)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -15,7 +15,6 @@ as marginal entropy -> 0 (one prototype for everything) or per-sample entropy ->
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fmct_ray.objectives import DINOConfig, DINOTask, MAEConfig, MAETask, OptimConfig
+from fmct_ray.objectives import DINOConfig, DINOTask, MAEConfig, MAETask, OptimConfig, Progress
 from fmct_ray.objectives.optim import apply_schedule, build_optimizer, clip_gradients
 from fmct_ray.objectives.schedules import lr_at, weight_decay_at
 
@@ -36,9 +35,10 @@ TOY_DINO = DINOConfig(
     ibot_n_prototypes=512,
     ibot_weight=1.0,
     koleo_weight=0.1,
-    warmup_teacher_temp_steps=30,
+    teacher_temp=0.07,
+    warmup_teacher_temp_samples=30 * 8,  # 30 steps of batch 8
     momentum_teacher=0.99,
-    freeze_last_layer_steps=10,
+    freeze_last_layer_samples=10 * 8,
 )
 TOY_MAE = MAEConfig(model="vit3d_tiny", decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=False)
 
@@ -98,7 +98,6 @@ def train_dino(
     """Train the toy DINO task; returns per-step lists (loss, dino, ibot, koleo, entropies, std)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    cfg = dataclasses.replace(cfg, total_steps=steps)
     task = DINOTask(cfg).train()
     ocfg, opt = _optimizer(task.student, lr=lr)
     pool = phantoms(64, 48, gen)
@@ -110,15 +109,16 @@ def train_dino(
         apply_schedule(
             opt, lr_at(step, steps, ocfg.lr, 1e-5, steps // 10), weight_decay_at(step, steps, 0.04, 0.1)
         )
-        out = task(g, loc, step)
+        p = Progress((step + 1) * batch, steps * batch)
+        out = task(g, loc, p)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        task.cancel_last_layer_grads(step)
+        task.after_backward(p)
         clip_gradients(task.student.parameters(), ocfg.clip_grad)
         opt.step()
-        task.update_teacher(step)
+        task.after_step(p)
         with torch.no_grad():
-            probs = task.teacher_probs(g, step)["cls"]
+            probs = task.teacher_probs(g, p)["cls"]
             ent, marg = _entropies(probs)
             std = task.teacher.backbone.forward_features(g[0])["cls"].std(0).mean()
         for k in ("loss", "dino", "ibot", "koleo"):
@@ -143,7 +143,7 @@ def train_mae(
     for step in range(steps):
         vols = random_crop(pool[torch.randint(len(pool), (batch,), generator=gen)], (0.6, 1.0), 32, gen)
         apply_schedule(opt, lr_at(step, steps, ocfg.lr, 1e-5, steps // 20), 0.05)
-        out = task(vols, step)
+        out = task([vols])
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         clip_gradients(task.model.parameters(), ocfg.clip_grad)

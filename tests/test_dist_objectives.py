@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fmct_ray.objectives import DINOConfig, DINOLoss, DINOTask, IBOTPatchLoss, KoLeoLoss
+from fmct_ray.objectives import DINOConfig, DINOLoss, DINOTask, IBOTPatchLoss, KoLeoLoss, Progress
 
 K, B = 11, 6  # prototypes, global batch (3 per rank)
 TINY = DINOConfig(
@@ -60,8 +60,8 @@ def _task_grads(data, rows, wrap):
     task = DINOTask(TINY).train()
     task.mask_generator.manual_seed(0)
     if wrap:
-        task.wrap_student(lambda m: DDP(m))
-    out = task([c[rows] for c in data["crops"]], [c[rows] for c in data["local"]], step=0)
+        task.wrap(lambda m: DDP(m))
+    out = task([c[rows] for c in data["crops"]], [c[rows] for c in data["local"]], Progress(B, 10 * B))
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in task.student.named_parameters() if p.grad is not None}
     return grads, task.dino_loss.center.clone()

@@ -20,11 +20,13 @@ from fmct_ray.objectives import (
     MAEConfig,
     MAETask,
     OptimConfig,
+    Progress,
     apply_schedule,
     block_mask_3d,
     build_optimizer,
     clip_gradients,
     cosine_schedule,
+    entropies,
     ibot_masks,
     layer_id,
     lr_at,
@@ -33,6 +35,7 @@ from fmct_ray.objectives import (
     param_groups,
     random_masks,
     scaled_lr,
+    spread,
     teacher_temp_at,
     weight_decay_at,
 )
@@ -80,18 +83,43 @@ def test_dino_centre_after_updates():
     assert "center" in dict(loss.named_buffers())
 
 
-def test_ibot_loss_weights_images_equally_and_uniform_is_log_k():
+def test_ibot_loss_weights_masked_images_equally_over_all_images():
+    """Each masked image weighs 1 / (all global-crop samples), masked or not (DINOv2): uniform
+    outputs give log K x the masked fraction (2 of 3 images here), not log K."""
     k = 50
     loss = IBOTPatchLoss(k)
     masks = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
     uniform = loss.teacher_probs(torch.zeros(4, k), 0.07)
-    assert loss(torch.zeros(4, k), uniform, masks).item() == pytest.approx(math.log(k), rel=1e-6)
-    # token-level CE values: image 0 -> a, image 1 -> b, b, c ; expected mean(a, (2b + c) / 3)
+    assert loss(torch.zeros(4, k), uniform, masks).item() == pytest.approx(2 / 3 * math.log(k), rel=1e-6)
+    # token-level CE values: image 0 -> a, image 1 -> b, b, c, image 2 -> none: (a + (2b + c) / 3) / 3
     torch.manual_seed(0)
     s, t = torch.randn(4, k), torch.softmax(torch.randn(4, k), -1)
     ce = -(t * torch.log_softmax(s / 0.1, -1)).sum(-1)
-    expected = (ce[0] + ce[1:].mean()) / 2
+    expected = (ce[0] + ce[1:].mean()) / 3
     torch.testing.assert_close(loss(s, t, masks), expected)
+
+
+def _dinov2_forward_masked(s, t, student_masks_flat, student_temp=0.1):
+    """DINOv2's `iBOTPatchLoss.forward_masked` (dinov2/loss/ibot_patch_loss.py), transcribed."""
+    loss = torch.sum(t * torch.nn.functional.log_softmax(s / student_temp, dim=-1), dim=-1)
+    masks_weight = (
+        (1 / student_masks_flat.sum(-1).clamp(min=1.0))
+        .unsqueeze(-1)
+        .expand_as(student_masks_flat)[student_masks_flat]
+    )
+    loss = loss * masks_weight
+    return -loss.sum() / student_masks_flat.shape[0]
+
+
+def test_ibot_loss_matches_dinov2_with_half_the_images_masked():
+    """8 global-crop samples, 4 masked (mask_fraction 0.5): the DINOv2 formula, not 2x it."""
+    gen = torch.Generator().manual_seed(0)
+    masks = ibot_masks(8, (4, 4, 4), (0.1, 0.5), 0.5, gen)
+    assert int((masks.sum(1) > 0).sum()) == 4
+    m = int(masks.sum())
+    s, t = torch.randn(m, 16, generator=gen), torch.softmax(torch.randn(m, 16, generator=gen) / 0.04, -1)
+    got = IBOTPatchLoss(16)(s, t, masks)
+    torch.testing.assert_close(got, _dinov2_forward_masked(s, t, masks))
 
 
 def test_ibot_centre_is_mean_over_masked_tokens():
@@ -174,12 +202,15 @@ def test_ibot_masks_fraction_and_ratio_range():
 # ---- schedules and optimiser ------------------------------------------------------------------------
 
 
-def test_schedules_are_pure_functions_of_step():
-    assert lr_at(0, 100, 1e-3, 1e-6, warmup_steps=10) == 0.0
-    assert lr_at(5, 100, 1e-3, 1e-6, warmup_steps=10) == pytest.approx(5e-4)
-    assert lr_at(10, 100, 1e-3, 1e-6, warmup_steps=10) == pytest.approx(1e-3)
-    assert lr_at(55, 100, 1e-3, 0.0, warmup_steps=10) == pytest.approx(5e-4)
-    assert lr_at(100, 100, 1e-3, 1e-6, warmup_steps=10) == pytest.approx(1e-6)
+def test_schedules_are_pure_functions_of_samples():
+    assert lr_at(0, 100, 1e-3, 1e-6, warmup=10) == 0.0
+    assert lr_at(5, 100, 1e-3, 1e-6, warmup=10) == pytest.approx(5e-4)
+    assert lr_at(10, 100, 1e-3, 1e-6, warmup=10) == pytest.approx(1e-3)
+    assert lr_at(55, 100, 1e-3, 0.0, warmup=10) == pytest.approx(5e-4)
+    assert lr_at(100, 100, 1e-3, 1e-6, warmup=10) == 1e-6  # exactly the final values at the total
+    assert lr_at(103, 100, 1e-3, 1e-6, warmup=10) == 1e-6 and momentum_at(103, 100) == 1.0
+    assert lr_at(100, 100, 1e-3, 1e-6, warmup=200) == 1e-6  # even when the warm-up is longer
+    assert Progress(50, 200).fraction == 0.25 and Progress(210, 200).fraction == 1.0
     assert weight_decay_at(0, 100) == pytest.approx(0.04) and weight_decay_at(100, 100) == pytest.approx(0.4)
     assert teacher_temp_at(0, 30) == pytest.approx(0.04)
     assert teacher_temp_at(15, 30) == pytest.approx(0.055)
@@ -256,8 +287,8 @@ def test_dino_task_step_and_teacher_update():
     for ps, pt in zip(task.student.parameters(), task.teacher.parameters(), strict=True):
         assert torch.equal(ps, pt)
     g, loc = _crops()
-    out = task(g, loc, step=0)
-    assert set(out) == {"loss", "dino", "ibot", "koleo"}
+    out = task(g, loc, Progress(2, 100))
+    assert set(out) == {"loss", "dino", "ibot", "koleo", *MONITORS}
     assert all(torch.isfinite(v) for v in out.values()) and out["ibot"] > 0 and out["koleo"] != 0
     expected = out["dino"] + out["ibot"] + 0.1 * out["koleo"]
     torch.testing.assert_close(out["loss"].detach(), expected)
@@ -273,26 +304,27 @@ def test_dino_task_step_and_teacher_update():
             p.fill_(1.0)
         for p in task.teacher.parameters():
             p.zero_()
-    m = task.update_teacher(step=0)
-    assert m == pytest.approx(0.994)
+    logged = task.after_step(Progress(0, 100))
+    m = logged["momentum"]
+    assert m == pytest.approx(0.994) and logged["teacher_temp"] == 0.04
     for p in task.teacher.parameters():
         torch.testing.assert_close(p, torch.full_like(p, 1 - m))
 
 
 def test_dino_task_freezes_last_layer_and_handles_other_local_sizes():
-    cfg = DINOConfig(model="vit3d_voxelfm_tiny", **SMALL_HEAD, freeze_last_layer_steps=2)
+    cfg = DINOConfig(model="vit3d_voxelfm_tiny", **SMALL_HEAD, freeze_last_layer_samples=4)
     task = DINOTask(cfg).train()
     assert not task.student.backbone.mask_token.requires_grad  # iBOT off: unused
     g, loc = _crops(c=1, g=32, loc=16, n_local=2)
     loc.append(torch.randn(2, 1, 24, 24, 24))  # a third local size
-    out = task(g, loc, step=0)
+    out = task(g, loc, Progress(4, 100))
     assert out["ibot"] == 0 and out["koleo"] == 0
     out["loss"].backward()
-    task.cancel_last_layer_grads(step=1)
+    task.after_backward(Progress(4, 100))  # the second step of batch 2: samples 2, 3 < 4 frozen
     assert task.student.dino_head.last_layer.weight_v.grad is None
     assert task.student.dino_head.mlp[0].weight.grad is not None
-    task(g, loc, step=2)["loss"].backward()
-    task.cancel_last_layer_grads(step=2)
+    task(g, loc, Progress(6, 100))["loss"].backward()
+    task.after_backward(Progress(6, 100))
     assert task.student.dino_head.last_layer.weight_v.grad is not None
 
 
@@ -309,18 +341,73 @@ def test_dino_task_wrapped_student_keeps_state_keys():
 
     task = DINOTask(DINOConfig(model="vit3d_tiny", **SMALL_HEAD))
     keys = set(task.state_dict())
-    task.wrap_student(Wrapper)
+    wrapped = task.wrap(Wrapper)
+    assert wrapped.module is task.trainable is task.student
     g, loc = _crops()
-    task(g, loc, step=0)
-    assert task._wrapped.calls == 1 and set(task.state_dict()) == keys
+    task(g, loc, Progress(2, 100))
+    assert wrapped.calls == 1 and set(task.state_dict()) == keys
     task.student = Wrapper(task.student)  # plain assignment also works
-    task(g, loc, step=1)
-    assert task.update_teacher(1) < 1.0
+    task(g, loc, Progress(4, 100))
+    assert task.trainable is wrapped.module
+    assert task.after_step(Progress(4, 100))["momentum"] < 1.0
 
 
 def test_dino_task_teacher_temperature_schedule():
-    task = DINOTask(DINOConfig(model="vit3d_tiny", **SMALL_HEAD, warmup_teacher_temp_steps=10))
-    assert task.teacher_temp(0) == pytest.approx(0.04) and task.teacher_temp(10) == pytest.approx(0.07)
+    cfg = DINOConfig(model="vit3d_tiny", **SMALL_HEAD, teacher_temp=0.07, warmup_teacher_temp_samples=10)
+    task = DINOTask(cfg)
+    assert task.teacher_temp(Progress(0, 100)) == pytest.approx(0.04)
+    assert task.teacher_temp(Progress(5, 100)) == pytest.approx(0.055)
+    assert task.teacher_temp(Progress(10, 100)) == pytest.approx(0.07)
+
+
+def test_default_teacher_temperature_is_the_safe_one():
+    """No recipe gets 0.07 without a warm-up by default: FM-CT's constant 0.04."""
+    for cfg in (DINOConfig(), VOXELFM_DINO):
+        assert cfg.teacher_temp == cfg.warmup_teacher_temp == 0.04 and cfg.warmup_teacher_temp_samples == 0
+    task = DINOTask(DINOConfig(model="vit3d_tiny", **SMALL_HEAD))
+    assert task.teacher_temp(Progress(0, 100)) == task.teacher_temp(Progress(100, 100)) == 0.04
+
+
+MONITORS = ("teacher_entropy", "teacher_marginal_entropy", "student_cls_std", "teacher_cls_std", "log_k")
+
+
+def test_entropies_of_known_distributions():
+    k = 64
+    uniform = torch.full((5, k), 1 / k)
+    entropy, marginal = entropies(uniform)
+    assert entropy.item() == pytest.approx(math.log(k)) and marginal.item() == pytest.approx(math.log(k))
+    same = torch.zeros(5, k)
+    same[:, 3] = 1.0  # every sample on prototype 3: one-hot and collapsed
+    assert entropies(same)[0].item() == 0.0 and entropies(same)[1].item() == 0.0
+    distinct = torch.eye(k)[:4]  # one-hot on 4 different prototypes: sharp but spread
+    entropy, marginal = entropies(distinct)
+    assert entropy.item() == 0.0 and marginal.item() == pytest.approx(math.log(4))
+    assert spread(torch.ones(6, 3)).item() == 0.0
+    assert spread(torch.tensor([[0.0, 1.0], [2.0, 1.0]])).item() == pytest.approx(math.sqrt(2) / 2)
+
+
+def test_dino_task_reports_monitors():
+    torch.manual_seed(0)
+    task = DINOTask(DINOConfig(model="vit3d_tiny", **SMALL_HEAD)).train()
+    g, loc = _crops()
+    out = task(g, loc, Progress(2, 100))
+    assert out["log_k"].item() == pytest.approx(math.log(64))
+    assert 0 < out["teacher_entropy"] <= out["teacher_marginal_entropy"] <= math.log(64) + 1e-5
+    assert out["student_cls_std"] > 0 and out["teacher_cls_std"] > 0
+    assert not any(out[k].requires_grad for k in MONITORS)
+    with torch.no_grad():
+        expected = task.teacher.backbone.forward_features(torch.cat(g))["cls"].std(0).mean()
+    torch.testing.assert_close(out["teacher_cls_std"], expected)
+
+
+def test_tasks_share_one_interface():
+    dino = DINOTask(DINOConfig(model="vit3d_tiny", **SMALL_HEAD))
+    mae = MAETask(MAEConfig(model="vit3d_tiny", decoder_dim=48, decoder_depth=1, decoder_heads=4))
+    assert dino.trainable is dino.student and mae.trainable is mae.model
+    assert dino.backbone_to_export() is dino.teacher.backbone and mae.backbone_to_export() is mae.encoder
+    p = Progress(2, 10)
+    assert mae.after_step(p) == {} and mae.after_backward(p) is None
+    assert set(dino.after_step(p)) == {"momentum", "teacher_temp"}
 
 
 def test_mae_task_masks_exactly_and_trains_encoder():
@@ -328,7 +415,7 @@ def test_mae_task_masks_exactly_and_trains_encoder():
     images = torch.rand(2, 3, 32, 32, 32)
     masks = task.sample_masks(images)
     assert (masks.sum(1) == 48).all()
-    out = task(images, step=0)
+    out = task([images], [], Progress(2, 10))
     assert set(out) == {"loss", "mae"} and out["loss"] > 0
     out["loss"].backward()
     assert task.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
@@ -339,4 +426,4 @@ def test_mae_task_masks_exactly_and_trains_encoder():
     target = patchify(images, 8)
     tnorm = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     manual = ((pred - tnorm) ** 2).mean(-1)[mask].mean()
-    torch.testing.assert_close(task(images, 0, mask)["loss"].detach(), manual)
+    torch.testing.assert_close(task([images], mask=mask)["loss"].detach(), manual)

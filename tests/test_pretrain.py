@@ -5,10 +5,12 @@ tier; MAE stopped and resubmitted, and a killed worker, marked slow."""
 
 import csv
 import json
+import math
 import os
 import signal
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,22 @@ import torch
 from fmct_ray import config as C
 from fmct_ray.data.source import Shard, fold_consumed, write_synthetic_store
 from fmct_ray.models import load_backbone
+from fmct_ray.objectives import Progress, entropies, scaled_lr
 from fmct_ray.train import checkpoint as ckpt
-from fmct_ray.train.metrics import StepTimer
-from fmct_ray.train.pretrain import PretrainConfig, build_task, micro_batches, resolve, run_length
+from fmct_ray.train.metrics import COLUMNS, StepTimer, progress_line
+from fmct_ray.train.pretrain import (
+    PretrainConfig,
+    RunLength,
+    build_task,
+    collapse_warning,
+    micro_batches,
+    resolve,
+    run_length,
+    schedules,
+    seed_everything_for,
+    step_seeds,
+    steps_left,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DINO = ROOT / "configs" / "pretrain" / "debug_dino_tiny.yaml"
@@ -33,12 +48,146 @@ def recipe(path, store, *overrides):
 
 # -- unit ------------------------------------------------------------------------------------
 def test_run_length_and_resolve():
-    cfg = C.load(PretrainConfig, DINO, ["train.warmup_epochs=1", "train.freeze_last_layer_epochs=0.5"])
-    length = run_length(cfg, samples_per_epoch=10, world_size=2)  # global batch 4 -> 2 steps/epoch
-    assert (length.global_batch, length.steps_per_epoch, length.total_steps) == (4, 2, 4)
-    r = resolve(cfg, length)
-    assert (r.optim.warmup_steps, r.dino.freeze_last_layer_steps, r.dino.total_steps) == (2, 1, 4)
+    """The run is planned in samples: epochs x samples per epoch at any world size, or max_steps x
+    the launch's global batch; epoch-valued task settings become sample counts."""
+    cfg = C.load(
+        PretrainConfig,
+        DINO,
+        ["train.freeze_last_layer_epochs=0.5", "train.teacher_temp_warmup_epochs=1.5"],
+    )
+    assert run_length(cfg, 10, world_size=2) == run_length(cfg, 10, world_size=5) == RunLength(10, 20)
+    assert run_length(C.load(PretrainConfig, DINO, ["train.max_steps=3"]), 10, 4).total_samples == 3 * 2 * 4
+    r = resolve(cfg, run_length(cfg, 10, 2))
+    assert (r.dino.freeze_last_layer_samples, r.dino.warmup_teacher_temp_samples) == (5, 15)
     assert C.load(PretrainConfig, C.save(r, Path(os.environ.get("TMPDIR", "/tmp")) / "r.yaml")) == r
+
+
+def planned(length: RunLength, samples: int, global_batch: int, steps: int | None = None) -> list[Progress]:
+    """The `Progress` of each step the loop runs from `samples` consumed at `global_batch`
+    (`train_loop_per_worker` / `run_steps`): all the steps to the planned total, or `steps`."""
+    n = steps_left(samples, length.total_samples, global_batch) if steps is None else steps
+    return [Progress(samples + (k + 1) * global_batch, length.total_samples) for k in range(n)]
+
+
+def test_schedules_follow_samples_across_a_resize():
+    """Stopped after 5 steps on 4 workers (global batch 8) and resumed on 2 (batch 4): the schedules
+    continue from the samples consumed, at the sample points of a run on 2 workers all along, with
+    no jump in lr progress; the lr itself is scaled by the global batch in use."""
+    cfg = C.load(
+        PretrainConfig,
+        DINO,
+        ["train.warmup_epochs=2", "train.teacher_temp_warmup_epochs=2", "dino.teacher_temp=0.07"],
+    )
+    length = RunLength(samples_per_epoch=40, total_samples=400)
+    task = build_task(resolve(cfg, length))
+    first, resumed = planned(length, 0, 8, steps=5), planned(length, 40, 4)
+    assert len(resumed) == steps_left(40, 400, 4) == 90
+    assert [p.samples for p in first + resumed] == [*range(8, 48, 8), *range(44, 404, 4)]
+    assert resumed == planned(length, 0, 4)[10:]  # where the uninterrupted 2-worker run is
+
+    def shape(p: Progress, global_batch: int) -> float:  # lr over its peak: the lr's progress
+        return schedules(cfg, length, p, global_batch)["lr"] / scaled_lr(cfg.optim.lr, global_batch)
+
+    curve = [shape(p, 8) for p in first] + [shape(p, 4) for p in resumed]
+    slope = max(abs(b - a) for a, b in zip(curve, curve[1:]))
+    assert slope <= 8 / 80 + 1e-12  # at most one 4-worker step of the 80-sample warm-up
+    assert curve[4] == pytest.approx(0.5) and curve[5] == pytest.approx(0.55)  # the resize: no jump
+    assert curve[-1] == cfg.optim.min_lr / scaled_lr(cfg.optim.lr, 4)
+    peak = Progress(80, 400)  # the end of the warm-up: the peak lr follows the global batch in use
+    assert schedules(cfg, length, peak, 4)["lr"] == scaled_lr(cfg.optim.lr, 4) == cfg.optim.lr * 4 / 256
+    assert schedules(cfg, length, peak, 8)["lr"] == scaled_lr(cfg.optim.lr, 8)
+    temps = [task.teacher_temp(p) for p in first + resumed]
+    assert temps[4] == pytest.approx(0.04 + 0.03 * 40 / 80) and temps[5] == pytest.approx(
+        0.04 + 0.03 * 44 / 80
+    )
+
+
+def test_an_elastic_run_ends_at_the_final_schedule_values():
+    """Planned for 4 workers (max_steps x global batch 8 = 200 samples), run on 2 and resized to 3
+    (global batch 6, which does not divide the rest): the loop plans the steps that reach the
+    planned samples, and the last one runs at min_lr, final weight decay, momentum and temperature."""
+    cfg = C.load(
+        PretrainConfig,
+        DINO,
+        ["train.max_steps=25", "train.teacher_temp_warmup_epochs=1", "dino.teacher_temp=0.07"],
+    )
+    length = run_length(cfg, samples_per_epoch=40, world_size=4)
+    assert length.total_samples == 200
+    task = build_task(resolve(cfg, length))
+    rest = planned(length, 84, 6)  # after 21 steps on 2 workers: ceil(116 / 6) = 20 steps
+    assert len(rest) == 20 and rest[-2].samples < 200 <= rest[-1].samples < 200 + 6
+    last = schedules(cfg, length, rest[-1], 6)
+    assert (last["lr"], last["wd"]) == (cfg.optim.min_lr, cfg.optim.weight_decay_end)
+    assert task.after_step(rest[-1]) == {"momentum": 1.0, "teacher_temp": 0.07}
+    assert schedules(cfg, length, rest[-2], 6)["lr"] > cfg.optim.min_lr
+    assert task.after_step(rest[-2])["momentum"] < 1.0
+    exact = planned(length, 0, 4)  # on 2 workers from the start: 50 steps that end at 200 exactly
+    assert len(exact) == 50 and exact[-1] == Progress(200, 200)
+    assert schedules(cfg, length, exact[-1], 4)["lr"] == cfg.optim.min_lr
+
+
+def test_step_seeds_are_independent_streams():
+    """Drop-path, mask and augmentation streams of neighbouring micro-steps, steps and ranks (and
+    of the three kinds) are all distinct: micro-step i no longer replays micro-step i + 1's."""
+    seeds = [s for st in range(3) for r in range(3) for m in range(3) for s in step_seeds(0, st, r, m)]
+    assert len(set(seeds)) == len(seeds) == 81 and all(0 <= s < 2**63 for s in seeds)
+    assert step_seeds(0, 1, 2, 3) == step_seeds(0, 1, 2, 3) != step_seeds(1, 1, 2, 3)
+    task = types.SimpleNamespace(mask_generator=torch.Generator())
+    draws = []
+    with torch.random.fork_rng():
+        for micro in (0, 1):
+            augment = seed_everything_for(task, step_seeds(0, 0, 0, micro))
+            draws += [
+                torch.rand(4),
+                torch.rand(4, generator=task.mask_generator),
+                torch.rand(4, generator=augment),
+            ]
+    assert len({tuple(d.tolist()) for d in draws}) == 6
+
+
+def monitor_rows(probs: torch.Tensor, n: int = 5, cls_std: float = 0.1) -> list[dict]:
+    entropy, marginal = entropies(probs)
+    row = {
+        "teacher_entropy": float(entropy),
+        "teacher_marginal_entropy": float(marginal),
+        "teacher_cls_std": cls_std,
+        "log_k": math.log(probs.shape[1]),
+    }
+    return [dict(row) for _ in range(n)]
+
+
+def test_collapse_warning_on_known_distributions():
+    k = 128
+    healthy = torch.softmax(4 * torch.randn(16, k, generator=torch.Generator().manual_seed(0)), -1)
+    assert collapse_warning(monitor_rows(healthy)) is None
+    same = torch.zeros(16, k)
+    same[:, 7] = 1.0  # one prototype for everything: marginal entropy 0
+    assert "marginal entropy" in collapse_warning(monitor_rows(same))
+    assert collapse_warning(monitor_rows(same, n=4)) is None  # not yet 5 consecutive logged steps
+    assert collapse_warning(monitor_rows(same, n=4) + monitor_rows(healthy, n=1)) is None
+    assert collapse_warning(monitor_rows(healthy, n=3) + monitor_rows(same)) is not None
+    uniform = torch.full((16, k), 1 / k)  # entropy log K
+    assert "uniform" in collapse_warning(monitor_rows(uniform))
+    assert "CLS std" in collapse_warning(monitor_rows(healthy, cls_std=1e-6))
+    assert collapse_warning([{"loss": 1.0, "mae": 1.0}] * 5) is None  # MAE has no teacher
+
+
+def test_progress_line_shows_loss_and_teacher_entropies():
+    assert {
+        "teacher_entropy",
+        "teacher_marginal_entropy",
+        "student_cls_std",
+        "teacher_cls_std",
+        "log_k",
+    } <= set(COLUMNS)
+    row = {"step": 3, "epoch": 0.5, "loss": 4.25, "dino": 4.25, "lr": 1e-4, "scans_per_s": 2.0}
+    row.update(
+        data_wait_frac=0.1, peak_mem_gb=1.0, teacher_entropy=2.5, teacher_marginal_entropy=4.0, log_k=4.852
+    )
+    line = progress_line(row, 10)
+    assert "loss 4.2500" in line and "teacher entropy 2.500 marginal 4.000 (log K 4.85)" in line
+    mae = {k: v for k, v in row.items() if "entropy" not in k and k != "log_k"}
+    assert "teacher" not in progress_line(mae, 10)
 
 
 def test_checkpoint_roundtrip(tmp_path):
@@ -158,6 +307,20 @@ def check_metrics(d, steps: int, terms: tuple[str, ...]) -> None:
     assert all(0.0 <= float(r["data_wait_frac"]) <= 1.0 for r in log)
 
 
+DINO_TERMS = (
+    "dino",
+    "ibot",
+    "koleo",
+    "momentum",
+    "teacher_temp",
+    "teacher_entropy",
+    "teacher_marginal_entropy",
+    "student_cls_std",
+    "teacher_cls_std",
+    "log_k",
+)
+
+
 def check_backbone(d, prefix: str = "teacher.backbone.") -> None:
     """The exported backbone loads with `fmct_ray.models.load_backbone` and equals the task's."""
     task = torch.load(Path(d) / "task.pt", weights_only=True)
@@ -186,7 +349,7 @@ def test_dino_run_checkpoints_and_exports(dino_run):
         "metrics.csv",
         "teacher_backbone.pt",
     } <= {p.name for p in d.iterdir()}
-    check_metrics(d, 8, ("dino", "ibot", "koleo", "momentum", "teacher_temp"))
+    check_metrics(d, 8, DINO_TERMS)
     check_backbone(d)
     assert len([p for p in Path(root, "dino").iterdir() if p.name.startswith("checkpoint_2")]) == 2
 
@@ -363,7 +526,7 @@ def test_dino_job_submit_against_s3(cluster, s3, s3_store, tmp_path):
     assert "[step 4/4" in out
     d = fetch_latest(s3, "dino-submit", tmp_path)
     check_checkpoint(d, 4, final=True)
-    check_metrics(d, 4, ("dino", "ibot", "koleo", "momentum", "teacher_temp"))
+    check_metrics(d, 4, DINO_TERMS)
     check_backbone(d)
     assert len(s3_checkpoints(s3, "dino-submit")) == 1  # checkpoint_every 4: the final one only
 

@@ -1,8 +1,8 @@
 """Self-supervised objectives: DINO, iBOT, KoLeo, MAE losses; masking; schedules; optimiser helpers.
 
 One file per loss (DINOv2 layout); each loss owns its global statistics and all-reduces them only
-when `torch.distributed` is initialised. `tasks.py` assembles them into `DINOTask` / `MAETask`.
-No Ray, no device calls.
+when `torch.distributed` is initialised. `tasks.py` assembles them into `DINOTask` / `MAETask`,
+which share the `Task` interface a training loop uses. No Ray, no device calls.
 """
 
 from fmct_ray.objectives.dino import DINOLoss
@@ -21,6 +21,7 @@ from fmct_ray.objectives.optim import (
     param_groups,
 )
 from fmct_ray.objectives.schedules import (
+    Progress,
     cosine_schedule,
     lr_at,
     momentum_at,
@@ -35,6 +36,9 @@ from fmct_ray.objectives.tasks import (
     DINOTask,
     MAEConfig,
     MAETask,
+    Task,
+    entropies,
+    spread,
     unwrap,
 )
 
@@ -49,12 +53,15 @@ __all__ = [
     "MAEConfig",
     "MAETask",
     "OptimConfig",
+    "Progress",
+    "Task",
     "apply_schedule",
     "block_mask_3d",
     "build_optimizer",
     "cancel_last_layer_gradients",
     "clip_gradients",
     "cosine_schedule",
+    "entropies",
     "ibot_masks",
     "is_no_decay",
     "layer_id",
@@ -64,6 +71,7 @@ __all__ = [
     "param_groups",
     "random_masks",
     "scaled_lr",
+    "spread",
     "teacher_temp_at",
     "unwrap",
     "weight_decay_at",

@@ -3,9 +3,11 @@ Online Tokenizer"; DINOv2 `iBOTPatchLoss.forward_masked`).
 
 For every masked patch of a student global crop, the student's patch prototype distribution is
 trained to match the teacher's (centred, sharpened) distribution for the same patch of the
-unmasked crop. Each image weighs equally: token losses are weighted by 1 / (masked patches of
-that image) and averaged over images that have a mask. The patch centre is its own buffer; its
-update is the mean over all masked tokens of the global batch (sum and count all-reduced).
+unmasked crop. Token losses are weighted by 1 / (masked patches of their image), summed, and
+divided by the number of global-crop samples, masked or not (DINOv2 `forward_masked`): a masked
+image weighs 1 / (G B), so with half of them masked the loss is half the mean over masked images.
+The patch centre is its own buffer; its update is the mean over all masked tokens of the global
+batch (sum and count all-reduced).
 """
 
 from __future__ import annotations
@@ -28,19 +30,19 @@ class IBOTPatchLoss(DINOLoss):
     """
 
     def forward(self, student_logits: Tensor, teacher_probs: Tensor, masks: Tensor) -> Tensor:
-        """Per-image mean over masked tokens of -sum_k P_t log P_s, averaged over masked images.
+        """Per-image mean over masked tokens of -sum_k P_t log P_s, summed over images / all images.
 
         Args:
             student_logits: (M, K) logits of the masked tokens, in `masks[masks]` order.
             teacher_probs: (M, K) teacher probabilities of the same tokens.
-            masks: (B, N) bool masks that selected the M tokens.
+            masks: (B, N) bool masks that selected the M tokens; B counts every global-crop sample.
         """
         per_image = masks.sum(dim=1)
         if student_logits.shape[0] == 0:
             return student_logits.sum() * 0.0  # keeps the graph (DDP) with no masked tokens
         weights = (1.0 / per_image.clamp(min=1).float()).unsqueeze(1).expand_as(masks)[masks]
         ce = torch.sum(-teacher_probs * F.log_softmax(student_logits.float() / self.student_temp, dim=-1), -1)
-        return (ce * weights).sum() / (per_image > 0).sum()
+        return (ce * weights).sum() / masks.shape[0]
 
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:

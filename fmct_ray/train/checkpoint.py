@@ -5,14 +5,16 @@ A checkpoint is one folder that every rank reports through `ray.train.report(...
 
     task.pt            task state dict (student, EMA teacher, DINO/iBOT centres); rank 0
     optimizer.pt       AdamW state; rank 0
-    state.json         step, epoch, run length, and the data position: samples consumed and
-                       `skip`, the consumed samples above the first one not yet consumed; rank 0
+    state.json         step, epoch, planned samples (and steps at this world size), and the data
+                       position: samples consumed and `skip`, the consumed samples above the first
+                       one not yet consumed; rank 0
     config.yaml        the resolved PretrainConfig; rank 0
     metrics.csv        every metrics row of the run so far; rank 0
     rng_rank<r>.pt     torch / numpy / python RNG states of rank r; every rank
     teacher_backbone.pt  exported backbone (final checkpoint only; `fmct_ray.models.load_backbone`)
 
-Schedules are pure functions of the step, so the step *is* the schedulers' state.
+Schedules are pure functions of the samples consumed (over the planned total), so `samples` *is*
+the schedulers' state, whatever the world size of the group that resumes.
 """
 
 from __future__ import annotations

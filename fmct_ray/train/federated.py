@@ -10,9 +10,10 @@ number of training scans (a count, obtained on the site's node), and checkpoints
 Nothing else crosses a site boundary: the driver never opens a store, scan ids stay on the site.
 
 Determinism: sample `i` of site `s` is `VolumeReader`'s sample `i` of a one-site plan seeded from
-(data.seed, s), the step's random draws are `step_seed(train.seed, step, rank=s, micro)`, and
+(data.seed, s), the step's random draws are `step_seeds(train.seed, step, rank=s, micro)`, and
 step = round x local_steps + local step; so a run stopped after any round and resumed matches
-an uninterrupted one exactly.
+an uninterrupted one exactly. A site's schedules run at samples (step + 1) x its global batch of
+the planned rounds x local_steps x that batch.
 
 Checkpoints (`<storage_path>/<name>/`):
 
@@ -36,7 +37,7 @@ import torch
 
 from fmct_ray import config as config_lib
 from fmct_ray.data.source import Plan, SiteSpec, VolumeReader
-from fmct_ray.objectives import build_optimizer
+from fmct_ray.objectives import Progress, build_optimizer
 from fmct_ray.sites import _scan_ids, remote_args, run_on_site
 from fmct_ray.storage import StorageConfig, atomic_write, filesystem, join
 from fmct_ray.train.checkpoint import task_state
@@ -49,7 +50,6 @@ from fmct_ray.train.pretrain import (
     export_backbone,
     resolve,
     train_step,
-    trainable,
 )
 
 LATEST = "latest.json"
@@ -133,7 +133,7 @@ def local_round(
     task = build_task(cfg)
     task.load_state_dict(weights)
     task.to(device).train()
-    model = trainable(task)
+    model = task.trainable
     loop = Loop(
         cfg, length, task, model, build_optimizer(model, cfg.optim), build_augment(cfg), device, index
     )
@@ -149,7 +149,8 @@ def local_round(
             first = (step * accum + m) * b
             out = reader({"id": np.arange(first, first + b, dtype=np.int64)})
             micro.append({v: torch.from_numpy(out[v]).to(device) for v in ("global", "local") if v in out})
-        losses.append(train_step(loop, micro, step)["loss"])
+        progress = Progress((step + 1) * loop.global_batch, length.total_samples)
+        losses.append(train_step(loop, micro, step, progress)["loss"])
     return {"state": task_state(task), "loss": float(np.mean(losses))}
 
 
@@ -210,9 +211,10 @@ def site_sizes(sites: tuple[SiteSpec, ...], split: str) -> list[int]:
 
 
 def plan_run(cfg: PretrainConfig, fed: FederatedConfig, sizes: list[int]) -> tuple[PretrainConfig, RunLength]:
-    """Each site is one worker; the run is rounds x local_steps steps; epochs count all sites' scans."""
+    """Each site is one worker; the run is rounds x local_steps steps of a site's global batch;
+    epochs count all sites' scans."""
     per_step = cfg.train.batch_size * cfg.train.accum_steps
-    length = RunLength(cfg.data.samples_per_epoch or sum(sizes), per_step, fed.rounds * fed.local_steps)
+    length = RunLength(cfg.data.samples_per_epoch or sum(sizes), fed.rounds * fed.local_steps * per_step)
     return resolve(cfg, length), length
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from fmct_ray import config as config_lib
 from fmct_ray.cli import load_config, parser
@@ -70,6 +71,10 @@ def run_job(objective: str, doc: str) -> None:
         max_failures=args.max_failures,
         storage=StorageConfig(),
     )
+    # Ray Train 2.60 patches print() in its workers to log each line to the console too and, since
+    # every Ray worker replaces sys.stdout, also to echo it: each printed line reached the job's
+    # log twice. Ray hands this variable on to the controller and the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     result = pretrain(cfg, launch)
     print("final checkpoint:", result.checkpoint and result.checkpoint.path)
     if result.error:

@@ -2,15 +2,21 @@
 
 `train_loop_per_worker(config)` is what every Ray Train worker runs (and what the tests run): it
 builds the task, wraps the trainable module in DDP (`ray.train.torch.prepare_model`; the EMA
-teacher stays unwrapped), resumes from `ray.train.get_checkpoint()`, then runs a fixed number of
-optimiser steps over its shard of the streaming dataset:
+teacher stays unwrapped), resumes from `ray.train.get_checkpoint()`, then runs the optimiser
+steps that take the run to its planned total of samples, over its shard of the streaming dataset:
 
     micro-batches of int16 crops -> batched augmentation on the device -> task losses
     -> backward (no all-reduce but on the last micro-step) -> clip -> AdamW -> EMA teacher
 
-Every rank runs the same number of steps (no short batches), all schedules are functions of the
-global step, and every random draw of a step (augmentation, masks, drop-path) is seeded from
-(seed, step, rank, micro-step), so a run stopped and resumed matches an uninterrupted one.
+The run is planned in samples (`RunLength`), not steps: every schedule (lr, weight decay, teacher
+momentum and temperature, warm-ups, last-layer freeze) is a function of the samples consumed over
+the planned total, and the lr is scaled by the global batch in use, so a group that runs on fewer
+workers than planned (elastic), or resumes on another number of them, runs more, smaller steps on
+the same schedule. A step is scheduled at the samples consumed once it completes, so the last step
+(which may pass the total by less than a global batch) runs at the final values (min_lr, momentum
+1). Every rank runs the same number of steps (no short batches), and every random draw of a step
+(augmentation, masks, drop-path) comes from independent streams seeded by (seed, step, rank,
+micro-step), so a run stopped and resumed matches an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ import contextlib
 import dataclasses
 import tempfile
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
+import numpy as np
 import torch
 
 from fmct_ray.data.augment import AugmentConfig, GPUAugment
@@ -33,6 +42,8 @@ from fmct_ray.objectives import (
     MAEConfig,
     MAETask,
     OptimConfig,
+    Progress,
+    Task,
     apply_schedule,
     build_optimizer,
     clip_gradients,
@@ -41,21 +52,25 @@ from fmct_ray.objectives import (
     weight_decay_at,
 )
 from fmct_ray.train import checkpoint as ckpt
-from fmct_ray.train.metrics import CSVLog, StepTimer, peak_memory_gb, print_progress
+from fmct_ray.train.metrics import RunLog, StepTimer, echo, peak_memory_gb, print_progress
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Length, batching, checkpointing and logging of a run (cluster shape is not here).
 
+    Run length, warm-ups and freeze are planned in samples (epochs x `data.samples_per_epoch`),
+    whatever the number of workers; steps follow from the global batch in use.
+
     Args:
         epochs: run length in epochs (an epoch is `data.samples_per_epoch` samples).
-        max_steps: stop after this many optimiser steps instead (debug / benchmarks).
+        max_steps: plan max_steps x the launch's global batch samples instead (debug / benchmarks).
         batch_size: samples per worker per micro-step.
         accum_steps: micro-steps per optimiser step (global batch = batch x accum x workers).
-        warmup_epochs: linear lr warm-up (sets optim.warmup_steps).
-        teacher_temp_warmup_epochs: teacher temperature warm-up (sets dino.warmup_teacher_temp_steps).
-        freeze_last_layer_epochs: DINO prototype layer frozen this long (FM-CT: 1).
+        warmup_epochs: linear lr warm-up.
+        teacher_temp_warmup_epochs: teacher temperature warm-up (sets dino.warmup_teacher_temp_samples).
+        freeze_last_layer_epochs: DINO prototype layer frozen this long (FM-CT: 1; sets
+            dino.freeze_last_layer_samples).
         checkpoint_every: optimiser steps between checkpoints (and one at the end).
         keep_checkpoints: checkpoints kept in storage.
         log_every: optimiser steps between metrics rows.
@@ -104,69 +119,61 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class RunLength:
-    """Run length in steps and samples for a given global batch."""
+    """The planned run in samples, fixed at launch: the horizon of every schedule at any world size."""
 
     samples_per_epoch: int
-    global_batch: int
-    total_steps: int
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, self.samples_per_epoch // self.global_batch)
-
-    @property
-    def total_samples(self) -> int:
-        return self.total_steps * self.global_batch
+    total_samples: int
 
 
 def run_length(cfg: PretrainConfig, samples_per_epoch: int, world_size: int) -> RunLength:
-    gb = cfg.train.batch_size * cfg.train.accum_steps * world_size
-    steps = cfg.train.max_steps or int(cfg.train.epochs * max(1, samples_per_epoch // gb))
-    return RunLength(samples_per_epoch, gb, steps)
+    """epochs x samples_per_epoch samples, or max_steps x the global batch at `world_size` (the
+    launch's planned one: `max_workers` when elastic)."""
+    t = cfg.train
+    if t.max_steps:
+        total = t.max_steps * t.batch_size * t.accum_steps * world_size
+    else:
+        total = int(t.epochs * samples_per_epoch)
+    return RunLength(samples_per_epoch, max(1, total))
 
 
 def resolve(cfg: PretrainConfig, length: RunLength) -> PretrainConfig:
-    """Turn epoch-valued settings into step counts (the saved config is the one that ran)."""
-    spe, t = length.steps_per_epoch, cfg.train
-    optim = dataclasses.replace(cfg.optim, warmup_steps=int(t.warmup_epochs * spe))
+    """Turn the task's epoch-valued settings into sample counts (the saved config is the one that ran)."""
+    spe, t = length.samples_per_epoch, cfg.train
     dino = dataclasses.replace(
         cfg.dino,
-        total_steps=length.total_steps,
-        warmup_teacher_temp_steps=int(t.teacher_temp_warmup_epochs * spe),
-        freeze_last_layer_steps=int(t.freeze_last_layer_epochs * spe),
+        warmup_teacher_temp_samples=int(t.teacher_temp_warmup_epochs * spe),
+        freeze_last_layer_samples=int(t.freeze_last_layer_epochs * spe),
     )
-    return dataclasses.replace(cfg, optim=optim, dino=dino)
+    return dataclasses.replace(cfg, dino=dino)
+
+
+def steps_left(samples: int, total_samples: int, global_batch: int) -> int:
+    """Optimiser steps of `global_batch` from `samples` consumed to the planned total (the last one
+    may pass it by less than a global batch)."""
+    return max(0, -(-(total_samples - samples) // global_batch))
 
 
 # -- building blocks ---------------------------------------------------------------------------
-def build_task(cfg: PretrainConfig) -> DINOTask | MAETask:
+def build_task(cfg: PretrainConfig) -> Task:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     return DINOTask(cfg.dino) if cfg.objective == "dino" else MAETask(cfg.mae)
-
-
-def trainable(task: DINOTask | MAETask) -> torch.nn.Module:
-    return task.student if isinstance(task, DINOTask) else task.model
-
-
-def wrap_for_ddp(task: DINOTask | MAETask, wrapper) -> torch.nn.Module:
-    """Wrap only the trainable module (DINO student / MAE model); returns the wrapped module."""
-    (task.wrap_student if isinstance(task, DINOTask) else task.wrap_model)(wrapper)
-    return task._wrapped
 
 
 def build_augment(cfg: PretrainConfig) -> tuple[GPUAugment, GPUAugment]:
     return GPUAugment(cfg.augment), GPUAugment(cfg.augment_local or cfg.augment)
 
 
-def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
-    return (((seed * 1_000_003 + step) * 1_009 + rank) * 101 + micro) % (2**63 - 1)
+def step_seeds(seed: int, step: int, rank: int, micro: int) -> tuple[int, int, int]:
+    """Independent 63-bit seeds of a micro-step's drop-path, mask and augmentation streams."""
+    children = np.random.SeedSequence([seed, step, rank, micro]).spawn(3)
+    return tuple(int(c.generate_state(1, np.uint64)[0] >> np.uint64(1)) for c in children)
 
 
-def seed_everything_for(task, seed: int) -> torch.Generator:
+def seed_everything_for(task: Task, seeds: tuple[int, int, int]) -> torch.Generator:
     """Seed the global RNG (drop-path) and the task's mask generator; return the augment generator."""
-    torch.manual_seed(seed)
-    task.mask_generator.manual_seed(seed + 1)
-    return torch.Generator().manual_seed(seed + 2)
+    torch.manual_seed(seeds[0])
+    task.mask_generator.manual_seed(seeds[1])
+    return torch.Generator().manual_seed(seeds[2])
 
 
 def split_views(crops: torch.Tensor, augment: GPUAugment, gen: torch.Generator) -> list[torch.Tensor]:
@@ -176,20 +183,20 @@ def split_views(crops: torch.Tensor, augment: GPUAugment, gen: torch.Generator) 
     return [x[:, i] for i in range(v)]
 
 
-def forward(task, batch: dict, step: int, augs: tuple[GPUAugment, GPUAugment], gen) -> dict:
+def forward(task: Task, batch: dict, progress: Progress, augs: tuple[GPUAugment, GPUAugment], gen) -> dict:
     globals_ = split_views(batch["global"], augs[0], gen)
-    if isinstance(task, MAETask):
-        return task(globals_[0], step)
     locals_ = split_views(batch["local"], augs[1], gen) if "local" in batch else []
-    return task(globals_, locals_, step)
+    return task(globals_, locals_, progress)
 
 
-def schedules(cfg: PretrainConfig, length: RunLength, step: int) -> dict[str, float]:
+def schedules(cfg: PretrainConfig, length: RunLength, progress: Progress, global_batch: int) -> dict:
+    """lr (scaled by the global batch in use) and weight decay at `progress`."""
     o = cfg.optim
-    base_lr = scaled_lr(o.lr, length.global_batch)
+    warmup = int(cfg.train.warmup_epochs * length.samples_per_epoch)
+    now, total = progress.samples, progress.total
     return {
-        "lr": lr_at(step, length.total_steps, base_lr, o.min_lr, o.warmup_steps),
-        "wd": weight_decay_at(step, length.total_steps, o.weight_decay, o.weight_decay_end),
+        "lr": lr_at(now, total, scaled_lr(o.lr, global_batch), o.min_lr, warmup),
+        "wd": weight_decay_at(now, total, o.weight_decay, o.weight_decay_end),
     }
 
 
@@ -200,12 +207,18 @@ class Loop:
 
     cfg: PretrainConfig
     length: RunLength
-    task: Any
+    task: Task
     model: torch.nn.Module  # the (possibly DDP-wrapped) trainable module
     optimizer: torch.optim.Optimizer
     augs: tuple[GPUAugment, GPUAugment]
     device: torch.device
     rank: int = 0
+    world: int = 1
+    log: RunLog | None = None  # rank 0's metrics.csv + TensorBoard events (set by `restore`)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.accum_steps * self.world
 
     def autocast(self):
         on_gpu = self.device.type == "cuda" and self.cfg.train.bf16
@@ -218,27 +231,27 @@ class Loop:
         return self.model.no_sync() if skip else contextlib.nullcontext()
 
 
-def train_step(loop: Loop, micro_batches: list[dict], step: int) -> dict[str, float]:
-    sched = schedules(loop.cfg, loop.length, step)
+def train_step(loop: Loop, micro_batches: list[dict], step: int, progress: Progress) -> dict[str, float]:
+    """One optimiser step scheduled at `progress` (the samples consumed once it completes); `step`
+    (0-based) seeds its random draws. Returns the micro-step means of the task's outputs and the
+    schedule values."""
+    sched = schedules(loop.cfg, loop.length, progress, loop.global_batch)
     apply_schedule(loop.optimizer, sched["lr"], sched["wd"])
-    terms: dict[str, float] = {}
+    n, terms = len(micro_batches), {}
     for i, batch in enumerate(micro_batches):
-        gen = seed_everything_for(loop.task, step_seed(loop.cfg.train.seed, step, loop.rank, i))
-        with loop.sync(i, len(micro_batches)), loop.autocast():
-            out = forward(loop.task, batch, step, loop.augs, gen)
-        (out["loss"] / len(micro_batches)).backward()
+        gen = seed_everything_for(loop.task, step_seeds(loop.cfg.train.seed, step, loop.rank, i))
+        with loop.sync(i, n), loop.autocast():
+            out = forward(loop.task, batch, progress, loop.augs, gen)
+        (out["loss"] / n).backward()
         for k, v in out.items():
-            terms[k] = terms.get(k, 0.0) + float(v.detach()) / len(micro_batches)
-    if isinstance(loop.task, DINOTask):
-        loop.task.cancel_last_layer_grads(step)
+            terms[k] = terms.get(k, 0.0) + v.detach().float() / n
+    values = dict(zip(terms, torch.stack(list(terms.values())).tolist(), strict=True))  # one sync
+    loop.task.after_backward(progress)
     params = [p for p in loop.model.parameters() if p.requires_grad]
-    terms["grad_norm"] = float(clip_gradients(params, loop.cfg.optim.clip_grad))
+    values["grad_norm"] = float(clip_gradients(params, loop.cfg.optim.clip_grad))
     loop.optimizer.step()
     loop.optimizer.zero_grad(set_to_none=True)
-    if isinstance(loop.task, DINOTask):
-        sched["momentum"] = loop.task.update_teacher(step)
-        sched["teacher_temp"] = loop.task.teacher_temp(step)
-    return {**terms, **sched}
+    return {**values, **sched, **loop.task.after_step(progress)}
 
 
 # -- the worker function -----------------------------------------------------------------------
@@ -288,25 +301,36 @@ def build_loop(cfg: PretrainConfig, length: RunLength) -> Loop:
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     task = build_task(cfg).to(device)
-    model = wrap_for_ddp(task, ray.train.torch.prepare_model)
-    optimizer = build_optimizer(trainable(task), cfg.optim)
+    model = task.wrap(ray.train.torch.prepare_model)
+    optimizer = build_optimizer(task.trainable, cfg.optim)
     task.train()
-    return Loop(cfg, length, task, model, optimizer, build_augment(cfg), device, ctx.get_world_rank())
+    augs = build_augment(cfg)
+    return Loop(cfg, length, task, model, optimizer, augs, device, ctx.get_world_rank(), ctx.get_world_size())
 
 
 def restore(loop: Loop) -> dict:
-    """State of the checkpoint Ray hands this (re)started worker group, or a fresh start."""
+    """State of the checkpoint Ray hands this (re)started worker group, or a fresh start; rank 0
+    opens the run's metrics log (in the run folder, continued from the checkpoint's history)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
+        loop.log = open_run_log(loop, 0, None)
         return {"step": 0, "samples": 0}
     with checkpoint.as_directory() as d:
         state = ckpt.load(d, loop.rank, loop.task, loop.optimizer)
-        metrics = Path(d) / "metrics.csv"
-        if loop.rank == 0 and metrics.exists():
-            Path(loop_csv(loop)).write_bytes(metrics.read_bytes())
+        loop.log = open_run_log(loop, state["step"], Path(d) / "metrics.csv")  # copies it while d exists
     return state
+
+
+def open_run_log(loop: Loop, resume_step: int, history: Path | None) -> RunLog | None:
+    """Rank 0's metrics.csv + TensorBoard events, mirrored into the run folder <storage>/<name>/."""
+    import ray.train
+
+    if loop.rank != 0:
+        return None
+    storage = ray.train.get_context().get_storage()
+    return RunLog(storage.experiment_fs_path, storage.storage_filesystem, resume_step, history)
 
 
 def data_position(state: dict) -> tuple[int, tuple[int, ...]]:
@@ -314,10 +338,6 @@ def data_position(state: dict) -> tuple[int, tuple[int, ...]]:
     trained on (`fold_consumed`); `samples` counts both."""
     skip = tuple(state.get("skip", ()))
     return state["samples"] - len(skip), skip
-
-
-def loop_csv(loop: Loop) -> str:
-    return str(Path(tempfile.gettempdir()) / f"fmct_metrics_{id(loop)}.csv")
 
 
 def report(loop: Loop, row: dict, state: dict, final: bool) -> None:
@@ -332,7 +352,7 @@ def report(loop: Loop, row: dict, state: dict, final: bool) -> None:
             optimizer=loop.optimizer,
             state=state,
             cfg=loop.cfg,
-            metrics_csv=loop_csv(loop),
+            metrics_csv=str(loop.log.csv_path) if loop.log else None,
         )
         if final and loop.rank == 0 and loop.cfg.train.export_backbone:
             export_backbone(loop.task, Path(d) / "teacher_backbone.pt")
@@ -340,51 +360,82 @@ def report(loop: Loop, row: dict, state: dict, final: bool) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def export_backbone(task, path: Path) -> Path:
+def export_backbone(task: Task, path: Path) -> Path:
     """The DINO teacher's (MAE: the encoder's) backbone with its config (`load_backbone` reads it)."""
     from fmct_ray.models import save_backbone
 
-    backbone = task.teacher.backbone if isinstance(task, DINOTask) else task.encoder
-    return save_backbone(path, backbone)
+    return save_backbone(path, task.backbone_to_export())
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. `config`: {"cfg": PretrainConfig (resolved), "length": RunLength,
     "plan": Plan (the run's scan ids)}."""
-    import ray.train
-
     cfg, length = config["cfg"], config["length"]
     loop = build_loop(cfg, length)
     state = restore(loop)
-    world = ray.train.get_context().get_world_size()
-    per_rank = cfg.train.batch_size * cfg.train.accum_steps
-    # Elastic restarts may change the world size: run what the remaining samples allow.
+    # Any world size (elastic restarts change it): the steps that reach the planned samples.
+    steps = steps_left(state["samples"], length.total_samples, loop.global_batch)
     start, skip = data_position(state)
-    shard = Shard(start, loop.rank, world, per_rank, skip)
-    total = state["step"] + shard.rows(length.total_samples) // per_rank
+    shard = Shard(start, loop.rank, loop.world, cfg.train.batch_size * cfg.train.accum_steps, skip)
+    end = state["samples"] + steps * loop.global_batch  # the samples those steps read
+    total = state["step"] + steps
     stop = total if cfg.train.stop_after is None else min(total, cfg.train.stop_after)
     timer = StepTimer()
-    batches = iter_shard(
-        cfg.data, config["plan"], length.total_samples, shard, cfg.train.batch_size, loop.device
-    )
+    batches = iter_shard(cfg.data, config["plan"], end, shard, cfg.train.batch_size, loop.device)
     groups = micro_batches(batches, cfg.train.accum_steps, timer)
-    run_steps(loop, groups, timer, state, (stop, total), per_rank * world)
+    run_steps(loop, groups, timer, state, (stop, total))
 
 
-def run_steps(
-    loop: Loop, groups, timer: StepTimer, state: dict, stop_total: tuple[int, int], per_step: int
-) -> None:
-    """Steps `state["step"]` .. `stop`: train, log every `log_every`, checkpoint every
-    `checkpoint_every` and at `stop`; the checkpoint at `total` (end of the run) exports the backbone."""
-    cfg, step, samples = loop.cfg, state["step"], state["samples"]
-    (stop, total), log = stop_total, CSVLog(loop_csv(loop))
+COLLAPSE_PATIENCE = 5  # consecutive logged steps
+
+
+def collapse_warning(recent: Sequence[dict], patience: int = COLLAPSE_PATIENCE) -> str | None:
+    """Why the last `patience` logged rows all look collapsed, or None.
+
+    With K prototypes (the rows' `log_k`), from `DINOTask`'s monitors:
+    - teacher_marginal_entropy < 0.1 log K: the batch-mean teacher distribution spreads over about
+      K^0.1 prototypes or fewer (3 of 65,536): every sample gets the same prototype(s);
+    - teacher_entropy > 0.97 log K: every teacher output is nearly uniform (centring won over
+      sharpening);
+    - teacher_cls_std < 1e-4: the teacher backbone gives every sample the same CLS embedding.
+    Rows without the monitors (MAE) or with NaNs never warn. The monitors are per-rank micro-batch
+    values averaged over micro-steps and ranks; a marginal entropy over n teacher views is at most
+    log n + the per-sample entropy, so the first check assumes well over K^0.1 views per micro-batch.
+    """
+    rows = list(recent)[-patience:]
+    if len(rows) < patience or not all("log_k" in r for r in rows):
+        return None
+    last, log_k = rows[-1], rows[-1]["log_k"]
+    reasons = []
+    if all(r["teacher_marginal_entropy"] < 0.1 * log_k for r in rows):
+        reasons.append(
+            f"teacher marginal entropy {last['teacher_marginal_entropy']:.3g} < 0.1 log K "
+            f"= {0.1 * log_k:.3g} (one prototype for every sample)"
+        )
+    if all(r["teacher_entropy"] > 0.97 * log_k for r in rows):
+        reasons.append(
+            f"teacher entropy {last['teacher_entropy']:.4g} > 0.97 log K = {0.97 * log_k:.4g} "
+            "(uniform teacher outputs)"
+        )
+    if all(r["teacher_cls_std"] < 1e-4 for r in rows):
+        reasons.append(f"teacher CLS std {last['teacher_cls_std']:.2g} < 1e-4 (one embedding for all)")
+    return f"{'; '.join(reasons)}, for {patience} logged steps" if reasons else None
+
+
+def run_steps(loop: Loop, groups, timer: StepTimer, state: dict, stop_total: tuple[int, int]) -> None:
+    """Steps `state["step"]` .. `stop`: train, log every `log_every` (rank 0 also warns of
+    collapse), checkpoint every `checkpoint_every` and at `stop`; the checkpoint at `total` (end of
+    the run) exports the backbone."""
+    cfg, step, samples, per_step = loop.cfg, state["step"], state["samples"], loop.global_batch
+    stop, total = stop_total
     position = data_position(state)
     consumed: list[torch.Tensor] = []  # run indices trained on since the last checkpoint
+    recent: deque[dict] = deque(maxlen=COLLAPSE_PATIENCE)  # logged rows
     while step < stop:
         group = next(groups, None)
         if group is None:
             raise RuntimeError(f"data ran out at step {step} of {total} (rank {loop.rank})")
-        row = train_step(loop, group, step)
+        row = train_step(loop, group, step, Progress(samples + per_step, loop.length.total_samples))
         consumed += [b["index"] for b in group]
         timer.step()
         step, samples = step + 1, samples + per_step
@@ -393,6 +444,7 @@ def run_steps(
             "samples": samples,
             "epoch": samples / loop.length.samples_per_epoch,
             "total_steps": total,
+            "total_samples": loop.length.total_samples,
             "global_batch": per_step,
         }
         logged = step % cfg.train.log_every == 0 or step == stop
@@ -407,11 +459,17 @@ def run_steps(
                 time=time.time(),
             )
             timer.reset()
-            if loop.rank == 0:
-                log.write(row)
+            if loop.log is not None:
+                loop.log.write(row)
                 print_progress(row, total)
+                recent.append(row)
+                warning = collapse_warning(recent)
+                if warning:
+                    echo(f"WARNING collapse: {warning}")
         if step % cfg.train.checkpoint_every == 0 or step == stop:
             position = fold_consumed(*position, all_ranks(torch.cat(consumed)))
             consumed.clear()
             new_state["skip"] = list(position[1])
             report(loop, row if logged else {}, new_state, final=step == total)
+    if loop.log is not None:
+        loop.log.close()
