@@ -427,3 +427,27 @@ def test_mae_task_masks_exactly_and_trains_encoder():
     tnorm = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     manual = ((pred - tnorm) ** 2).mean(-1)[mask].mean()
     torch.testing.assert_close(task([images], mask=mask)["loss"].detach(), manual)
+
+
+def test_dino_head_batchnorm_keeps_similar_samples_apart():
+    """head_use_bn: a batch whose backbone features barely differ still gets spread-out teacher
+    distributions (without it the centred teacher output of such a batch is near uniform)."""
+    import math
+
+    from fmct_ray.objectives import DINOConfig, DINOTask, entropies
+
+    def teacher_entropy(use_bn: bool) -> float:
+        torch.manual_seed(0)
+        task = DINOTask(
+            DINOConfig(model="vit3d_tiny", head_hidden_dim=64, head_bottleneck_dim=32, n_prototypes=128,
+                       head_use_bn=use_bn)
+        ).train()
+        x = 0.5 + 1e-3 * torch.randn(8, 3, 32, 32, 32)  # near-identical inputs
+        assert any(isinstance(m, torch.nn.BatchNorm1d) and m.training for m in task.teacher.modules()) == use_bn
+        logits = task.teacher.forward_teacher([x])["cls_logits"]
+        task.dino_loss.center.copy_(logits.mean(0, keepdim=True))  # a centre that has caught up
+        probs = task.dino_loss.teacher_probs(logits, 0.04)
+        return float(entropies(probs)[0]) / math.log(128)
+
+    assert teacher_entropy(False) > 0.99
+    assert teacher_entropy(True) < 0.9

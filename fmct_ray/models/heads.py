@@ -43,6 +43,9 @@ class DINOHead(nn.Module):
         bottleneck_dim: width before the prototype layer (256).
         nlayers: MLP linear layers (3).
         norm_last_layer: freeze the prototype norms at 1.
+        use_bn: BatchNorm after each hidden linear layer (DINO's `use_bn`). It keeps the head's
+            outputs spread across the batch when the backbone's features barely differ between
+            samples (small models on similar scans), where DINO otherwise collapses to uniform.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         nlayers: int = 3,
         norm_last_layer: bool = True,
+        use_bn: bool = False,
     ) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
@@ -60,6 +64,7 @@ class DINOHead(nn.Module):
         for i in range(nlayers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < nlayers - 1:
+                layers += [nn.BatchNorm1d(dims[i + 1])] if use_bn else []
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_norm=norm_last_layer)

@@ -86,6 +86,7 @@ class DINOConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     head_nlayers: int = 3
+    head_use_bn: bool = False  # BatchNorm in the heads' MLP (the teacher's uses batch statistics)
     n_prototypes: int = 65536
     norm_last_layer: bool = True  # freeze the prototype norms
     freeze_last_layer_samples: int = 0  # FM-CT: the first epoch
@@ -228,7 +229,13 @@ class DINOTask(Task):
     def _head(self, in_dim: int, out_dim: int) -> DINOHead:
         c = self.cfg
         return DINOHead(
-            in_dim, out_dim, c.head_hidden_dim, c.head_bottleneck_dim, c.head_nlayers, c.norm_last_layer
+            in_dim,
+            out_dim,
+            c.head_hidden_dim,
+            c.head_bottleneck_dim,
+            c.head_nlayers,
+            c.norm_last_layer,
+            c.head_use_bn,
         )
 
     @property
@@ -245,6 +252,9 @@ class DINOTask(Task):
     def train(self, mode: bool = True) -> DINOTask:
         super().train(mode)
         self.teacher.eval()  # no drop-path in the teacher
+        for m in self.teacher.modules():  # but batch statistics in its head's BatchNorm, as the student
+            if isinstance(m, nn.BatchNorm1d):
+                m.train(mode)
         return self
 
     def sample_masks(self, global_crops: list[Tensor]) -> Tensor:
