@@ -4,23 +4,28 @@ Stages (each can run alone with `--stages`):
   ingest   real scans from ../shared/data/real plus generated head-like volumes with planted
            findings -> two local site stores (site_a: real + synthetic, site_b: synthetic)
   inspect  manifests, quarantine tables, and a picture of a stored real volume
-  pretrain short DINO pretraining of a tiny 3D ViT with Ray Train (2 CPU workers), streaming
-           both site stores; exports the teacher backbone
-  probe    labels of the planted findings, embeddings of every scan with the pretrained backbone
-           (Ray Data), then a Ray Tune sweep: linear and attentive probes against scratch models
+  pretrain the study's data (an unlabelled corpus store and a labelled few-shot/test store of
+           synthetic heads), then DINO and MAE with the CPU recipes (Ray Data + Ray Train, 2 workers)
+  study    does pretraining help? embeddings by the DINO teacher, the MAE encoder and random init
+           (Ray Data), few-shot linear probes and a scratch baseline on the same draws, the report
+           (fmct_ray.study)
+  probe    labels of the ingested sites, embeddings with the DINO backbone, then a Ray Tune sweep:
+           linear and attentive probes against scratch models, per site, with external validation
   report   AUROC [CI], AP, p-values vs scratch, few-shot curves, external-validation matrix,
-           attention-distance map, all in one folder
-"""
+           attention-distance map, all in one folder"""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
 from fmct_ray import config as config_lib
+from fmct_ray import study
 from fmct_ray.ingest import SiteStore
+from fmct_ray.study import StudyConfig
 from fmct_ray.synthetic import ingest_synthetic_sites
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,34 +81,20 @@ def stage_inspect(out: Path) -> None:
         print(f"picture of {row.scan_id}: {path}")
 
 
-def stage_pretrain(out: Path) -> Path:
-    """Tiny DINO on both sites; returns the exported teacher backbone."""
-    import dataclasses
+STUDY = StudyConfig()
 
-    from fmct_ray.data.source import SiteSpec
-    from fmct_ray.train.pretrain import PretrainConfig
-    from fmct_ray.train.trainer import LaunchConfig, pretrain
 
-    cfg = config_lib.load(PretrainConfig, ROOT / "configs/pretrain/debug_dino_tiny.yaml", ["train.epochs=3"])
-    sites = tuple(SiteSpec(name=site, uri=str(out / "stores" / site)) for site in SITES)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sites=sites))
-    # 2 workers x 0.5 CPU leave the 2-CPU demo cluster room for their readers (one each, 0.5 CPU)
-    launch = LaunchConfig(
-        name="demo-dino", storage_path=str(out / "runs"), num_workers=2, cpus_per_worker=0.5
-    )
-    result = pretrain(cfg, launch)
-    if result.error:
-        raise SystemExit(f"pretraining failed: {result.error}")
-    backbone = Path(result.checkpoint.path) / "teacher_backbone.pt"
-    print(f"== pretrained: metrics {backbone.parent / 'metrics.csv'}; backbone {backbone}")
-    return backbone
+def stage_pretrain(out: Path) -> None:
+    """The study's stores, then DINO and MAE with the CPU recipes on its corpus."""
+    study.run(STUDY, out / "study", ["data", "pretrain"])
+
+
+def stage_study(out: Path) -> None:
+    study.run(STUDY, out / "study", ["embed", "probe", "report"])
 
 
 def _backbone(out: Path) -> Path:
-    runs = sorted((out / "runs" / "demo-dino").glob("checkpoint_*/teacher_backbone.pt"))
-    if not runs:
-        raise SystemExit(f"no pretrained backbone under {out / 'runs'}: run the pretrain stage first")
-    return runs[-1]
+    return study.backbone_path(out / "study", "dino")
 
 
 def _launch(out: Path):
@@ -160,6 +151,7 @@ STAGES = {
     "ingest": stage_ingest,
     "inspect": stage_inspect,
     "pretrain": stage_pretrain,
+    "study": stage_study,
     "probe": stage_probe,
     "report": stage_report,
 }
@@ -168,7 +160,15 @@ STAGES = {
 def run(out: Path, stages: list[str]) -> Path:
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for name in stages:
+    start = time.monotonic()
+    for i, name in enumerate(stages, 1):
+        t0 = time.monotonic()
+        print(f"\n[demo {i}/{len(stages)}] {name} ...", flush=True)
         STAGES[name](out)
+        done, total = time.monotonic() - t0, time.monotonic() - start
+        print(
+            f"[demo {i}/{len(stages)}] {name} done in {done / 60:.1f} min ({total / 60:.1f} min so far)",
+            flush=True,
+        )
     print(f"\nDemo output: {out}")
     return out

@@ -1,58 +1,236 @@
-"""Head-like synthetic CT volumes with planted findings, for the demo and the tests.
+"""Synthetic head CTs with per-scan anatomy and graded findings: the one generator of the project.
 
-A volume is an ellipsoidal head in air: scalp, a bony skull shell, grey and white matter, CSF
-ventricles, Gaussian noise. Findings are planted where a label says so: "hemorrhage" as small
-bright (acute-blood, 65-85 HU) blobs in the brain, "hydrocephalus" as enlarged ventricles. The
-images are written as NIfTI in varied orientations so the ingest's reorientation is exercised.
+A head is an ellipsoid in air (scalp, a bony skull shell, grey and white matter, two lateral CSF
+ventricles), posed and scaled per scan, with smooth brain texture and scanner noise. What varies
+per scan (`Anatomy`) is what a self-supervised model can learn from views of one scan: head size
+and pose, skull density and thickness, ventricle size, tissue contrast, texture, noise level.
+Findings (`Findings`) are planted with graded difficulty:
 
-`ingest_synthetic_sites` is the whole path from nothing to labelled site stores, shared by the demo
-and the end-to-end tests: NIfTI files plus a label CSV per site (`write_site`), the real ingest job
-into one store per site, and labels joined by the pseudonymised NIfTI path (`make_labels`).
+- hydrocephalus: ventricles enlarged 1.5-2.4x (a normal head varies 0.8-1.2x);
+- hemorrhage: 1-3 hyperdense blobs in one hemisphere, radius 3-12 mm, 50-85 HU (grey matter is
+  about 38 HU), so small low-contrast ones are hard; its side is a label of its own
+  (`hemorrhage_left`: positive only for a left-sided bleed, so a side-blind detector fails it).
+
+Coordinates are RAS millimetres (axis 0 points to the patient's right, so the left hemisphere is at
+negative x relative to the head's midline). Everything is a function of a numpy Generator.
+
+Uses:
+- `synthetic_head` / `synthetic_scan`: one float32 HU volume (any grid shape and spacing: the ingest
+  tests use small anisotropic grids);
+- `write_store`: a site store written directly in the stored frame (224^3 int16, no ingest), with
+  the labels of every scan: the pretraining corpus, the study's labelled pools, tests, benchmarks;
+- `write_site` + `ingest_synthetic_sites`: NIfTI files in varied orientations, the real ingest job,
+  labels joined by the pseudonymised path (the demo and the end-to-end tests).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-FINDINGS = ("hemorrhage", "hydrocephalus")
+FINDINGS = ("hemorrhage", "hydrocephalus", "hemorrhage_left")
 ROOT = Path(__file__).resolve().parents[1]
+AIR = -1000.0
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """What varies between normal heads (all lengths in mm)."""
+
+    radii: tuple[float, float, float] = (68.0, 88.0, 70.0)  # outer scalp surface, R/A/S semi-axes
+    yaw_deg: float = 0.0  # rotation about the S axis
+    shift: tuple[float, float, float] = (0.0, 0.0, 0.0)  # head centre offset
+    skull_hu: float = 1200.0
+    skull_mm: float = 6.0
+    ventricle_scale: float = 1.0
+    grey_hu: float = 38.0
+    white_hu: float = 27.0
+    texture_hu: float = 3.0  # amplitude of smooth brain texture
+    noise_hu: float = 6.0  # scanner noise std
+
+
+@dataclass(frozen=True)
+class Lesion:
+    centre: tuple[float, float, float]  # head frame (before pose), mm
+    radius: float
+    hu: float
+
+
+@dataclass(frozen=True)
+class Findings:
+    hydrocephalus: float = 0.0  # ventricle enlargement factor on top of the anatomy (0: none)
+    lesions: tuple[Lesion, ...] = field(default_factory=tuple)
+
+    def labels(self) -> dict[str, bool]:
+        return {
+            "hemorrhage": bool(self.lesions),
+            "hydrocephalus": self.hydrocephalus > 0,
+            "hemorrhage_left": any(les.centre[0] < 0 for les in self.lesions),
+        }
+
+
+def draw_anatomy(rng: np.random.Generator) -> Anatomy:
+    return Anatomy(
+        radii=tuple(float(r) for r in np.array([68.0, 88.0, 70.0]) * rng.uniform(0.9, 1.08, 3)),
+        yaw_deg=float(rng.uniform(-10, 10)),
+        shift=tuple(float(s) for s in rng.uniform(-6, 6, 3)),
+        skull_hu=float(rng.uniform(700, 1600)),
+        skull_mm=float(rng.uniform(4, 8)),
+        ventricle_scale=float(rng.uniform(0.8, 1.2)),
+        grey_hu=float(rng.uniform(34, 42)),
+        white_hu=float(rng.uniform(24, 30)),
+        texture_hu=float(rng.uniform(1, 5)),
+        noise_hu=float(rng.uniform(3, 12)),
+    )
+
+
+def draw_findings(
+    rng: np.random.Generator, anatomy: Anatomy, hemorrhage: bool, hydrocephalus: bool
+) -> Findings:
+    """Graded findings: enlargement 1.5-2.4x; 1-3 lesions in one hemisphere, 3-12 mm, 50-85 HU."""
+    lesions: list[Lesion] = []
+    if hemorrhage:
+        side = rng.choice([-1.0, 1.0])
+        radius = float(rng.uniform(3, 12))
+        hu = float(rng.uniform(50, 85))
+        r = np.asarray(anatomy.radii)
+        for _ in range(int(rng.integers(1, 4))):
+            # in the parenchyma of one hemisphere, clear of the midline
+            centre = rng.uniform([0.15, -0.5, -0.35], [0.55, 0.5, 0.45]) * r * [side, 1, 1]
+            lesions.append(Lesion(tuple(float(c) for c in centre), radius * float(rng.uniform(0.7, 1)), hu))
+    return Findings(float(rng.uniform(1.5, 2.4)) if hydrocephalus else 0.0, tuple(lesions))
+
+
+def _smooth_field(rng: np.random.Generator, shape: Sequence[int], cells: int = 12) -> np.ndarray:
+    """Smooth unit-variance-ish random field: coarse Gaussian noise upsampled trilinearly."""
+    import torch
+    import torch.nn.functional as F
+
+    coarse = torch.from_numpy(rng.standard_normal((1, 1, cells, cells, cells), dtype=np.float32))
+    return F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
 def synthetic_head(
     rng: np.random.Generator,
-    shape: tuple[int, int, int] = (160, 190, 150),
-    findings: dict[str, bool] | None = None,
+    shape: Sequence[int] = (224, 224, 224),
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    anatomy: Anatomy | None = None,
+    findings: Findings | None = None,
 ) -> np.ndarray:
-    """Float32 HU volume on a 1 mm RAS grid (axes R, A, S) with the given findings planted."""
-    findings = findings or {}
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) - n / 2 for n in shape], indexing="ij"))
-    radii = np.array([68, 88, 70], np.float32) * rng.uniform(0.92, 1.05, 3).astype(np.float32)
-    r = np.sqrt(sum((grid[i] / radii[i]) ** 2 for i in range(3)))  # 1 at the outer scalp surface
-    hu = np.full(shape, -1000.0, np.float32)
+    """Float32 HU volume on a RAS grid (axes R, A, S) of `shape` voxels of `spacing` mm, the head
+    centred (plus the anatomy's shift). Defaults: a fresh random anatomy, no findings. A grid
+    smaller than the head (tests) scales the head to fit."""
+    anatomy = anatomy or draw_anatomy(rng)
+    findings = findings or Findings()
+    extent = np.asarray(shape) * np.asarray(spacing)
+    fit = min(1.0, float(np.min(0.92 * extent / (2 * np.asarray(anatomy.radii)))))  # small test grids
+    axes = [
+        (np.arange(n, dtype=np.float32) - (n - 1) / 2) * s / fit - d  # the shift scales with the head
+        for n, s, d in zip(shape, spacing, anatomy.shift, strict=True)
+    ]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    c, s = np.cos(np.radians(anatomy.yaw_deg)), np.sin(np.radians(anatomy.yaw_deg))
+    x, y = c * x + s * y, -s * x + c * y  # head frame: R/A in the head's own axes
+    a = anatomy.radii
+    r = np.sqrt((x / a[0]) ** 2 + (y / a[1]) ** 2 + (z / a[2]) ** 2)  # 1 at the scalp surface
+    inner = 1 - anatomy.skull_mm / min(a)  # inner skull surface
+    brain = r < inner - 0.03
+    hu = np.full(r.shape, AIR, np.float32)
     hu[r < 1.0] = 30.0  # scalp
-    hu[r < 0.95] = rng.uniform(900, 1400)  # skull
-    brain = r < 0.87
-    hu[brain] = 38.0  # grey matter
-    hu[brain & (r < 0.7)] = 26.0  # white matter
-    vent_scale = 2.4 if findings.get("hydrocephalus") else 1.0
-    vr = np.sqrt(
-        (grid[0] / (9 * vent_scale)) ** 2
-        + (grid[1] / (22 * vent_scale)) ** 2
-        + ((grid[2] - 8) / (11 * vent_scale)) ** 2
-    )
-    hu[brain & (vr < 1)] = 6.0  # CSF
-    if findings.get("hemorrhage"):
-        for _ in range(int(rng.integers(2, 5))):
-            centre = rng.uniform(-0.45, 0.45, 3) * radii
-            size = rng.uniform(3, 7)
-            blob = sum((grid[i] - centre[i]) ** 2 for i in range(3)) < size**2
-            hu[blob & brain] = rng.uniform(65, 85)
-    hu += rng.normal(0, 6, shape).astype(np.float32)
+    hu[(r < 0.97) & ~brain] = anatomy.skull_hu
+    hu[brain] = anatomy.grey_hu
+    hu[r < 0.75 * inner] = anatomy.white_hu
+
+    def region(centre, radius):  # the grid's box around a head-frame point, and its coordinates
+        u = (c * centre[0] - s * centre[1], s * centre[0] + c * centre[1], centre[2])  # undo the yaw
+        idx = [np.flatnonzero(np.abs(g - ui) <= radius) for g, ui in zip(axes, u, strict=True)]
+        sl = tuple(slice(i[0], i[-1] + 1) if len(i) else slice(0, 0) for i in idx)
+        return sl, x[sl[0], sl[1], :], y[sl[0], sl[1], :], z[:, :, sl[2]]
+
+    vs = anatomy.ventricle_scale * (findings.hydrocephalus or 1.0)
+    for side in (-1, 1):  # two lateral ventricles either side of the midline
+        sl, xs, ys, zs = region((side * 5 * vs, 0.0, 8.0), 23 * vs)
+        vr = ((xs - side * 5 * vs) / (5 * vs)) ** 2 + (ys / (22 * vs)) ** 2 + ((zs - 8) / (10 * vs)) ** 2
+        hu[sl][brain[sl] & (vr < 1)] = 6.0
+    for les in findings.lesions:
+        sl, xs, ys, zs = region(les.centre, les.radius)
+        d2 = (xs - les.centre[0]) ** 2 + (ys - les.centre[1]) ** 2 + (zs - les.centre[2]) ** 2
+        hu[sl][brain[sl] & (d2 < les.radius**2)] = les.hu
+    hu += np.where(brain, anatomy.texture_hu * _smooth_field(rng, r.shape), 0).astype(np.float32)
+    hu += anatomy.noise_hu * rng.standard_normal(r.shape, dtype=np.float32)
     return hu
+
+
+@dataclass(frozen=True)
+class Scan:
+    volume: np.ndarray  # float32 HU
+    anatomy: Anatomy
+    findings: Findings
+
+    def record(self) -> dict:
+        """Labels and the continuous facts behind them (for regression-type targets)."""
+        lesion_ml = sum(4 / 3 * np.pi * les.radius**3 for les in self.findings.lesions) / 1000
+        return {
+            **self.findings.labels(),
+            "ventricle_scale": self.anatomy.ventricle_scale * (self.findings.hydrocephalus or 1.0),
+            "lesion_ml": float(lesion_ml),
+            "noise_hu": self.anatomy.noise_hu,
+            "skull_hu": self.anatomy.skull_hu,
+        }
+
+
+def synthetic_scan(
+    rng: np.random.Generator, prevalence: float = 0.4, shape: Sequence[int] = (224, 224, 224), **kw
+) -> Scan:
+    """A random head whose findings are each present with probability `prevalence`."""
+    anatomy = draw_anatomy(rng)
+    hemorrhage, hydrocephalus = (bool(v) for v in rng.random(2) < prevalence)
+    findings = draw_findings(rng, anatomy, hemorrhage, hydrocephalus)
+    return Scan(synthetic_head(rng, shape, anatomy=anatomy, findings=findings, **kw), anatomy, findings)
+
+
+def to_int16(hu: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+
+
+def write_store(
+    uri: str,
+    n: int,
+    site: str = "synthetic",
+    storage=None,
+    splits: tuple[str, ...] = ("train",),
+    seed: int = 0,
+    prevalence: float = 0.4,
+    log: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Write `n` synthetic 224^3 heads straight into a site store (scan ids `<site>-0000`..., the
+    stored frame, no ingest) with a manifest; returns one row per scan: scan_id, patient_id, split
+    and `Scan.record()` (labels and their continuous facts). Scan `i` depends on (seed, i) only."""
+    from fmct_ray.ingest.store import SiteStore, StoreConfig, checksum
+
+    store = SiteStore(uri, storage)
+    store.init(site)
+    rows = []
+    for i in range(n):
+        scan = synthetic_scan(np.random.default_rng([seed, i]), prevalence)
+        scan_id, vol = f"{site}-{i:04d}", to_int16(scan.volume)
+        store.write_volume(scan_id, vol, np.eye(4), StoreConfig(verify_writes=False))
+        row = {
+            "scan_id": scan_id,
+            "patient_id": f"{site}-p{i:04d}",
+            "site": site,
+            "split": splits[i % len(splits)],
+        }
+        store.commit({**row, "stored_shape": list(vol.shape), "checksum": checksum(vol)})
+        rows.append({**row, **scan.record()})
+        if log and (i + 1) % 50 == 0:
+            log(f"  {site}: {i + 1}/{n} scans written")
+    store.consolidate()
+    return pd.DataFrame(rows)
 
 
 def orientation_affine(codes: str, shape: tuple[int, ...], spacing: tuple[float, float, float]) -> tuple:
@@ -87,11 +265,12 @@ def write_site(
     seed: int,
     prevalence: float = 0.4,
     orientations: tuple[str, ...] = ("RAS", "LPS", "LAS", "LPI", "PIR"),
+    shape: tuple[int, int, int] = (170, 200, 160),
 ) -> list[dict]:
     """Write `n` synthetic scans as NIfTI under `folder`; returns one label dict per scan.
 
-    Each file is `<patient>/<scan>.nii.gz` (patients have one or two scans); labels are drawn
-    independently per finding with probability `prevalence`.
+    Each file is `<patient>/<scan>.nii.gz` (patients have one or two scans); each finding is present
+    with probability `prevalence`. The grid is smaller than 224^3, so the ingest pads it.
     """
     import nibabel as nib
 
@@ -100,15 +279,14 @@ def write_site(
     rows = []
     for i in range(n):
         patient = f"p{seed:03d}{i // 2 if i % 3 == 0 else i:04d}"
-        labels = {f: bool(rng.random() < prevalence) for f in FINDINGS}
-        hu = synthetic_head(rng, findings=labels)
-        transform, affine = orientation_affine(orientations[i % len(orientations)], hu.shape, (1.0, 1.0, 1.0))
+        scan = synthetic_scan(rng, prevalence, shape)
+        transform, affine = orientation_affine(orientations[i % len(orientations)], shape, (1.0, 1.0, 1.0))
         path = folder / patient / f"scan{i:04d}.nii.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
-        img = nib.Nifti1Image(np.round(transform(hu)).astype(np.int16), affine)
+        img = nib.Nifti1Image(transform(to_int16(scan.volume)), affine)
         img.header.set_xyzt_units("mm")
         nib.save(img, path)
-        rows.append({"file": str(path.relative_to(folder)), "patient": patient, **labels})
+        rows.append({"file": str(path.relative_to(folder)), "patient": patient, **scan.findings.labels()})
     return rows
 
 

@@ -1,0 +1,418 @@
+"""Does pretraining help? DINO and MAE backbones against random init, few-shot, like for like.
+
+The study behind `jobs/study.py` and the demo's `study` stage, on synthetic heads (`fmct_ray.synthetic`):
+
+  data      an unlabelled pretraining corpus store, and a labelled evaluation store whose "train"
+            split is the few-shot pool and whose "test" split is held out (`write_store`)
+  pretrain  DINO and MAE with the CPU recipes (`configs/pretrain/cpu_{dino,mae}_tiny.yaml`) through
+            Ray Data + Ray Train, exactly as `jobs/pretrain_{dino,mae}.py` runs them
+  embed     the evaluation store embedded (Ray Data) by the DINO teacher, the MAE encoder, and the
+            same preset at random init (several seeds): CLS and mean patch token
+  probe     per task, few-shot linear probes (K positives + K negatives from the pool, several draws,
+            the same draws for every backbone) and a supervised scratch model on the same draws
+  report    few-shot curves with intervals, the paired permutation p-value of each pretrained
+            backbone against random init at each K, and the pretraining curves, as PNG + Markdown
+
+The probe is L2-regularised logistic regression on standardised features (L-BFGS, fixed strength:
+nothing is tuned on the test split); every backbone gets the same features, draws and probe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fmct_ray import config as config_lib
+from fmct_ray.eval.metrics import auroc, few_shot_summary, paired_permutation_test
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("hydrocephalus", "hemorrhage", "hemorrhage_left")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What the study runs (defaults: the demo's sizes, which fit a 2-core machine).
+
+    Args:
+        corpus_scans: unlabelled pretraining scans.
+        pool_scans: labelled few-shot pool ("train" split of the evaluation store).
+        test_scans: labelled held-out scans ("test" split).
+        prevalence: probability of each finding in the evaluation store.
+        objectives: the pretraining objectives to compare with random init.
+        dino_recipe, mae_recipe: pretraining recipes (paths relative to the repository).
+        overrides: extra `--set` overrides for both recipes (e.g. "train.epochs=2" in tests).
+        workers, cpus_per_worker: Ray Train workers.
+        random_seeds: random-init seeds of the baseline backbone.
+        shots: K values (positives = negatives = K).
+        draws: few-shot draws per K (the same draws for every backbone).
+        features: embedding column the probes read ("cls", "patch_mean" or "both").
+        l2: L2 strength of the logistic probe (on standardised features, per sample).
+        scratch_epochs: epochs of the supervised scratch model (0: no scratch baseline).
+        tasks: label columns to probe.
+    """
+
+    corpus_scans: int = 240
+    pool_scans: int = 160
+    test_scans: int = 120
+    prevalence: float = 0.5
+    objectives: tuple[str, ...] = ("dino", "mae")
+    dino_recipe: str = "configs/pretrain/cpu_dino_tiny.yaml"
+    mae_recipe: str = "configs/pretrain/cpu_mae_tiny.yaml"
+    overrides: tuple[str, ...] = ()
+    workers: int = 2
+    cpus_per_worker: float = 0.5
+    random_seeds: tuple[int, ...] = (0, 1, 2)
+    shots: tuple[int, ...] = (4, 8, 16, 32)
+    draws: int = 5
+    features: str = "both"
+    l2: float = 1.0
+    scratch_epochs: int = 10
+    tasks: tuple[str, ...] = TASKS
+    view: dict = field(default_factory=lambda: {"crop": 192, "size": 32})
+
+
+# -- data -------------------------------------------------------------------------------------
+def stage_data(cfg: StudyConfig, out: Path, log=print) -> None:
+    from fmct_ray.synthetic import write_store
+
+    stores = out / "stores"
+    if not (stores / "corpus" / "manifest.parquet").exists():
+        log(f"== study data: {cfg.corpus_scans} unlabelled pretraining scans")
+        write_store(str(stores / "corpus"), cfg.corpus_scans, site="corpus", seed=1, log=log)
+    if not (out / "labels.parquet").exists():
+        n = cfg.pool_scans + cfg.test_scans
+        log(f"== study data: {n} labelled scans ({cfg.pool_scans} few-shot pool, {cfg.test_scans} test)")
+        splits = ("train",) * cfg.pool_scans + ("test",) * cfg.test_scans  # pool first, then test
+        rows = write_store(
+            str(stores / "eval"), n, site="eval", seed=2, prevalence=cfg.prevalence, splits=splits, log=log
+        )
+        rows.to_parquet(out / "labels.parquet")
+
+
+# -- pretraining -------------------------------------------------------------------------------
+def pretrain_run(cfg: StudyConfig, out: Path, objective: str) -> Path:
+    """Pretrain with the recipe through Ray Train; returns the exported backbone."""
+    from fmct_ray.data.source import SiteSpec
+    from fmct_ray.train.pretrain import PretrainConfig
+    from fmct_ray.train.trainer import LaunchConfig, pretrain
+
+    recipe = cfg.dino_recipe if objective == "dino" else cfg.mae_recipe
+    pcfg = config_lib.load(PretrainConfig, ROOT / recipe, list(cfg.overrides))
+    sites = (SiteSpec(name="corpus", uri=str(out / "stores" / "corpus")),)
+    pcfg = dataclasses.replace(pcfg, data=dataclasses.replace(pcfg.data, sites=sites))
+    launch = LaunchConfig(
+        name=f"study-{objective}",
+        storage_path=str(out / "runs"),
+        num_workers=cfg.workers,
+        cpus_per_worker=cfg.cpus_per_worker,
+    )
+    result = pretrain(pcfg, launch)
+    if result.error:
+        raise RuntimeError(f"{objective} pretraining failed: {result.error}")
+    return Path(result.checkpoint.path) / "teacher_backbone.pt"
+
+
+def backbone_path(out: Path, objective: str) -> Path:
+    found = sorted((out / "runs" / f"study-{objective}").glob("checkpoint_*/teacher_backbone.pt"))
+    if not found:
+        raise FileNotFoundError(f"no {objective} backbone under {out / 'runs'}: run the pretrain stage")
+    return found[-1]
+
+
+# -- embeddings --------------------------------------------------------------------------------
+def backbones(cfg: StudyConfig, out: Path) -> dict[str, dict]:
+    """Backbone name -> BackboneConfig fields: the pretrained ones and random init of the same preset."""
+    from fmct_ray.models import load_backbone
+
+    found = {obj: backbone_path(out, obj) for obj in cfg.objectives}
+    archs = {obj: load_backbone(p).config for obj, p in found.items()}
+    if len(set(archs.values())) != 1:
+        raise ValueError(f"the recipes train different backbones {archs}: a study compares one preset")
+    arch = dataclasses.asdict(next(iter(archs.values())))
+    random = {f"random{s}": {"preset": "vit3d_tiny", "overrides": arch, "seed": s} for s in cfg.random_seeds}
+    return {**{obj: {"path": str(p)} for obj, p in found.items()}, **random}
+
+
+def stage_embed(cfg: StudyConfig, out: Path, log=print) -> None:
+    from fmct_ray.data.embed import BackboneConfig, EmbedConfig, extract_embeddings
+    from fmct_ray.eval.views import ViewConfig
+
+    stores = {"eval": str(out / "stores" / "eval")}
+    for name, fields in backbones(cfg, out).items():
+        ecfg = EmbedConfig(
+            backbone=BackboneConfig(**fields), view=ViewConfig(**cfg.view), actors=2, cpus_per_actor=0.5
+        )
+        n = extract_embeddings(
+            ecfg, stores, str(out / "embeddings" / f"{name}.parquet"), splits=("train", "test")
+        )
+        log(f"== embeddings {name}: {n} scans")
+
+
+# -- probes ------------------------------------------------------------------------------------
+def logistic_probe(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
+    """L2 logistic regression on standardised features (L-BFGS); returns a scoring function."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xt = torch.as_tensor((x - mu) / sd, dtype=torch.float64)
+    yt = torch.as_tensor(y, dtype=torch.float64)
+    w = torch.zeros(xt.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        logits = xt @ w[:-1] + w[-1]
+        value = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt)
+        value = value + 0.5 * l2 * (w[:-1] ** 2).sum() / len(yt)
+        value.backward()
+        return value
+
+    opt.step(loss)
+    weights = w.detach().numpy()
+    return lambda z: ((z - mu) / sd) @ weights[:-1] + weights[-1]
+
+
+def shots_for(y: np.ndarray, shots, task: str, log=print) -> list[int]:
+    """The K values the pool labels `y` allow (K positives and K negatives), saying which it skips."""
+    pos, neg = int((y == 1).sum()), int((y == 0).sum())
+    skipped = [k for k in shots if k > min(pos, neg)]
+    if skipped:
+        log(f"== {task}: K={skipped} skipped: the pool has {pos} positives, {neg} negatives")
+    return [k for k in shots if k <= min(pos, neg)]
+
+
+def fewshot_draws(y: np.ndarray, k: int, draws: int, seed: int = 0) -> list[np.ndarray]:
+    """`draws` index sets of k positives + k negatives of the pool labels `y` (NaN: unlabelled)."""
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if min(len(pos), len(neg)) < k:
+        raise ValueError(f"K={k} needs {k} positives and negatives; the pool has {len(pos)} and {len(neg)}")
+    out = []
+    for d in range(draws):
+        rng = np.random.default_rng([seed, k, d])
+        out.append(np.concatenate([rng.choice(pos, k, replace=False), rng.choice(neg, k, replace=False)]))
+    return out
+
+
+def features(frame: pd.DataFrame, which: str) -> np.ndarray:
+    from fmct_ray.data.embed import matrix
+
+    cols = ["cls", "patch_mean"] if which == "both" else [which]
+    return np.concatenate([matrix(frame, c) for c in cols], axis=1)
+
+
+def result_row(task: str, backbone: str, k: int, draw: int, test: pd.DataFrame, y, score) -> dict:
+    return {
+        "task": task,
+        "backbone": backbone,
+        "shots": k,
+        "draw": draw,
+        "auroc": auroc(y, score),
+        "scan_id": list(test["scan_id"]),
+        "score": list(score),
+    }
+
+
+def stage_probe(cfg: StudyConfig, out: Path, log=print) -> pd.DataFrame:
+    """One row per (task, backbone, K, draw): test AUROC and the test scores (for paired tests)."""
+    from fmct_ray.data.embed import load_embeddings
+
+    labels = pd.read_parquet(out / "labels.parquet").set_index("scan_id")
+    rows = []
+    for name in backbones(cfg, out):
+        emb = load_embeddings(str(out / "embeddings" / f"{name}.parquet")).sort_values("scan_id")
+        emb = emb.join(labels[list(cfg.tasks)], on="scan_id")
+        pool, test = emb[emb["split"] == "train"], emb[emb["split"] == "test"]
+        xp, xt = features(pool, cfg.features), features(test, cfg.features)
+        for task in cfg.tasks:
+            yp, yt = pool[task].to_numpy(float), test[task].to_numpy(float)
+            for k in shots_for(yp, cfg.shots, task, log):
+                for d, idx in enumerate(fewshot_draws(yp, k, cfg.draws)):
+                    score = logistic_probe(xp[idx], yp[idx], cfg.l2)(xt)
+                    rows.append(result_row(task, name, k, d, test, yt, score))
+        log(f"== probes {name}: done")
+    if cfg.scratch_epochs:
+        rows += scratch_rows(cfg, out, labels, log)
+    table = pd.DataFrame(rows)
+    table.to_parquet(out / "probes.parquet")
+    return table
+
+
+def scratch_rows(cfg: StudyConfig, out: Path, labels: pd.DataFrame, log=print) -> list[dict]:
+    """The supervised baseline: the same preset trained from random init on each few-shot draw."""
+    from fmct_ray.data.embed import BackboneConfig, build_backbone
+    from fmct_ray.eval.views import ViewConfig, ViewLoader, to_model_input
+
+    view = ViewConfig(**cfg.view)
+    store = str(out / "stores" / "eval")
+    manifest = labels.reset_index().sort_values("scan_id")  # the probes' order: the same draws
+    pool, test = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "test"]
+    loader = ViewLoader({"eval": store}, view, cache=True)
+    xp = to_model_input(loader(["eval"] * len(pool), list(pool["scan_id"])), view)
+    xt = to_model_input(loader(["eval"] * len(test), list(test["scan_id"])), view)
+    first = backbone_path(out, cfg.objectives[0])
+    arch = dataclasses.asdict(build_backbone(BackboneConfig(path=str(first))).config)
+    rows = []
+    for task in cfg.tasks:
+        yp, yt = pool[task].to_numpy(float), test[task].to_numpy(float)
+        for k in shots_for(yp, cfg.shots, task, lambda _: None):
+            for d, idx in enumerate(fewshot_draws(yp, k, cfg.draws)):
+                torch.manual_seed(d)
+                model = build_backbone(BackboneConfig(preset="vit3d_tiny", overrides=arch, seed=d))
+                score = train_scratch(model, xp[idx], yp[idx], xt, cfg.scratch_epochs, seed=d)
+                rows.append(result_row(task, "scratch", k, d, test, yt, score))
+        log(f"== scratch {task}: done")
+    return rows
+
+
+def train_scratch(model, x: torch.Tensor, y: np.ndarray, x_test: torch.Tensor, epochs: int, seed: int):
+    """Full supervised training of backbone + linear head on the few-shot set (AdamW, batch 16)."""
+    head = torch.nn.Linear(model.embed_dim, 1)
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    yt = torch.as_tensor(y, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(16):
+            logits = head(model(x[idx]))[:, 0]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([head(model(b))[:, 0] for b in x_test.split(32)]).numpy()
+
+
+# -- report ------------------------------------------------------------------------------------
+def family(backbone: str) -> str:
+    """ "random2" -> "random": the init seeds of the baseline form one family."""
+    return backbone.rstrip("0123456789")
+
+
+def summarise(table: pd.DataFrame, labels: pd.DataFrame, reference: str = "random") -> pd.DataFrame:
+    """Per (task, K, backbone family): mean test AUROC over draws (and init seeds) with a Student-t
+    interval, and for every other family the paired permutation p-value against `reference` on the
+    same test scans: each family's test scores are first averaged over its draws (and seeds)."""
+    table = table.assign(family=table["backbone"].map(family))
+    rows = []
+    for (task, k), g in table.groupby(["task", "shots"], sort=True):
+        ids = g["scan_id"].iloc[0]
+        y = labels.loc[list(ids), task].to_numpy(float)
+        mean_score = {f: np.mean(np.stack(list(c["score"])), axis=0) for f, c in g.groupby("family")}
+        for fam, c in g.groupby("family"):
+            row = {"task": task, "shots": int(k), "backbone": fam, **few_shot_summary(c["auroc"].to_numpy())}
+            if fam != reference and reference in mean_score:
+                row["delta_vs_random"], row["p_vs_random"] = paired_permutation_test(
+                    y, mean_score[fam], mean_score[reference]
+                )
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pretraining_curves(out: Path, figures: Path) -> Path:
+    """Losses, teacher entropies and CLS spread of the DINO and MAE runs (their metrics.csv)."""
+    from fmct_ray.eval.figures import _plt, _save
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for obj in ("dino", "mae"):
+        csv = out / "runs" / f"study-{obj}" / "metrics.csv"
+        if not csv.exists():
+            continue
+        m = pd.read_csv(csv)
+        axes[0].plot(m["samples"], m[obj], label=f"{obj} loss")
+        if obj == "dino":
+            axes[1].plot(m["samples"], m["teacher_entropy"], label="teacher entropy")
+            axes[1].plot(m["samples"], m["teacher_marginal_entropy"], label="marginal entropy")
+            axes[1].axhline(float(m["log_k"].iloc[0]), color="k", ls=":", label="log K")
+            axes[2].plot(m["samples"], m["student_cls_std"], label="student CLS std")
+            axes[2].plot(m["samples"], m["teacher_cls_std"], label="teacher CLS std")
+        axes[3].plot(m["samples"], m["lr"], label=f"{obj} lr")
+    titles = ("loss", "DINO teacher entropies (nats)", "CLS spread across the batch", "learning rate")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set(title=title, xlabel="samples")
+        ax.legend(fontsize=7)
+    return _save(fig, figures / "pretraining_curves.png")
+
+
+def fewshot_figure(summary: pd.DataFrame, figures: Path) -> Path:
+    from fmct_ray.eval.figures import _plt, _save
+
+    plt = _plt()
+    tasks = sorted(summary["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for fam, c in summary[summary["task"] == task].groupby("backbone"):
+            c = c.sort_values("shots")
+            ax.plot(c["shots"], c["mean"], marker="o", label=fam)
+            ax.fill_between(c["shots"], c["lo"], c["hi"], alpha=0.15)
+        ax.axhline(0.5, color="k", ls=":", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set(title=task, xlabel="K (positives = negatives)", ylabel="test AUROC", ylim=(0.3, 1.02))
+        ax.legend(fontsize=7)
+    return _save(fig, figures / "fewshot_curves.png")
+
+
+def stage_report(cfg: StudyConfig, out: Path, log=print) -> str:
+    """results.md (tables), fewshot_curves.png and pretraining_curves.png under out/report/."""
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    labels = pd.read_parquet(out / "labels.parquet").set_index("scan_id")
+    summary = summarise(pd.read_parquet(out / "probes.parquet"), labels)
+    summary.to_csv(report / "fewshot_summary.csv", index=False)
+    fewshot_figure(summary, report)
+    pretraining_curves(out, report)
+    lines = [
+        "# Few-shot linear probes: pretrained against random init (same preset, view, probe, draws)",
+        "",
+        f"Test AUROC, mean over {cfg.draws} draws [95% t interval]; random: {len(cfg.random_seeds)} init "
+        "seeds pooled; p: paired permutation test against random init on the held-out scans.",
+        "",
+    ]
+    for task, g in summary.groupby("task"):
+        lines += [f"## {task}", "", "| K | " + " | ".join(sorted(g["backbone"].unique())) + " |"]
+        fams = sorted(g["backbone"].unique())
+        lines.append("|---" * (len(fams) + 1) + "|")
+        for k, c in g.groupby("shots"):
+            cells = []
+            for fam in fams:
+                r = c[c["backbone"] == fam].iloc[0]
+                cell = f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+                if "p_vs_random" in r and not pd.isna(r.get("p_vs_random")):
+                    cell += f" p={r['p_vs_random']:.3f}"
+                cells.append(cell)
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    (report / "results.md").write_text(text)
+    log(text)
+    log(f"== study report: {report}")
+    return text
+
+
+STAGES = ("data", "pretrain", "embed", "probe", "report")
+
+
+def run(cfg: StudyConfig, out: Path, stages=STAGES, log=print) -> None:
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        log(f"\n== study stage {stage}")
+        if stage == "data":
+            stage_data(cfg, out, log)
+        elif stage == "pretrain":
+            for obj in cfg.objectives:
+                log(f"== pretrain {obj}: {pretrain_run(cfg, out, obj)}")
+        elif stage == "embed":
+            stage_embed(cfg, out, log)
+        elif stage == "probe":
+            stage_probe(cfg, out, log)
+        elif stage == "report":
+            stage_report(cfg, out, log)
+        else:
+            raise ValueError(f"unknown study stage {stage!r}; known: {STAGES}")
