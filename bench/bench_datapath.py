@@ -43,10 +43,9 @@ from fmct_ray.data.source import (  # noqa: E402
     SiteSpec,
     iter_shard,
     make_plan,
-    synthetic_volume,
-    write_synthetic_store,  # noqa: E402
 )
 from fmct_ray.storage import StorageConfig  # noqa: E402
+from fmct_ray.synthetic import synthetic_head, to_int16, write_store  # noqa: E402
 from fmct_ray.train.pretrain import PretrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,13 +177,13 @@ def main() -> None:
         os.environ.update(s3.env())
         if "baseline" in args.paths:
             out["baseline"] = bench_baseline(
-                [synthetic_volume(rng) for _ in range(4)], args.cores, args.seconds, args.batch
+                [to_int16(synthetic_head(rng)) for _ in range(4)], args.cores, args.seconds, args.batch
             )
             print("baseline", out["baseline"], flush=True)
         local, remote = str(Path(tmp) / "site"), "s3://bench/site"
-        write_synthetic_store(local, args.volumes, site="L")
+        write_store(local, args.volumes, site="L")
         s3.filesystem().mkdir("bench")
-        write_synthetic_store(remote, args.volumes, site="S", storage=StorageConfig(endpoint_url=s3.endpoint))
+        write_store(remote, args.volumes, site="S", storage=StorageConfig(endpoint_url=s3.endpoint))
         ray.init(
             num_cpus=args.cores,
             include_dashboard=False,

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from fmct_ray import config as config_lib
-from fmct_ray.data.source import VolumeReader, make_plan, write_synthetic_store
+from fmct_ray.data.source import VolumeReader, make_plan
 from fmct_ray.objectives import Progress, build_optimizer
+from fmct_ray.synthetic import write_store
 from fmct_ray.train.pretrain import (
     Loop,
     PretrainConfig,
@@ -143,7 +144,7 @@ def main() -> None:
 
     store = args.store or str(Path(tempfile.mkdtemp(prefix="bench_store_")) / "site")
     if not args.store:
-        write_synthetic_store(store, args.volumes, site="bench")
+        write_store(store, args.volumes, site="bench")
     cfg = load_recipe(args, store)
     if args.device == "cpu":
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=False))

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import psutil
 
-from fmct_ray.data.source import write_synthetic_store
 from fmct_ray.ingest.store import SiteStore, _decode_single_chunk
 from fmct_ray.storage import StorageConfig
+from fmct_ray.synthetic import write_store
 from fmct_ray.testing import S3Server
 
 
@@ -56,10 +56,10 @@ def main() -> None:
     with S3Server() as s3:
         os.environ.update(s3.env())
         local = str(Path(tempfile.mkdtemp(prefix="bench_s3_read_")) / "L")
-        ids = write_synthetic_store(local, n, site="V")
+        ids = list(write_store(local, n, site="V")["scan_id"])
         s3.filesystem().mkdir("bench")
         storage = StorageConfig(endpoint_url=s3.endpoint)
-        write_synthetic_store("s3://bench/V", n, site="V", storage=storage)
+        write_store("s3://bench/V", n, site="V", storage=storage)
         server = psutil.Process(s3.proc.pid)
         store, fs = SiteStore("s3://bench/V", storage), SiteStore("s3://bench/V", storage).fs
         store._get([f"bench/V/volumes/{ids[0]}/zarr.json"])  # the obstore client

@@ -1,11 +1,13 @@
 """Toy self-supervised training on synthetic volumes: loss curves and collapse diagnostics.
 
-Trains `vit3d_tiny` with DINO (+ iBOT + KoLeo) and with MAE for a few hundred CPU steps on
-random "phantoms" (a few bright / dark ellipsoids in noise), logging per step the loss, the
-teacher's per-sample entropy and marginal (batch-mean) entropy of prototype probabilities, and
-the per-dimension standard deviation of teacher CLS embeddings across the batch. Collapse shows
-as marginal entropy -> 0 (one prototype for everything) or per-sample entropy -> log K
-(uniform outputs) together with embedding std -> 0.
+Trains `vit3d_tiny` with DINO (+ iBOT + KoLeo) and with MAE for a few hundred CPU steps on a pool
+of 64 synthetic heads (`fmct_ray.synthetic`: per-scan anatomy, planted findings) on a coarse 48^3
+grid of 4 mm voxels (192 mm: the head and little air, as the recipes' foreground-fitted boxes see
+it), mapped to FM-CT's three HU windows by `GPUAugment`; random cubic crops (resized, flipped) are
+the views. It logs per step the loss, the teacher's per-sample entropy and marginal (batch-mean)
+entropy of prototype probabilities, and the per-dimension standard deviation of teacher CLS
+embeddings across the batch. Collapse shows as marginal entropy -> 0 (one prototype for
+everything) or per-sample entropy -> log K (uniform outputs) together with embedding std -> 0.
 
     .venv/bin/python bench/ssl_curves.py --steps 300 --out docs/img
 
@@ -20,12 +22,15 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmct_ray.objectives import DINOConfig, DINOTask, MAEConfig, MAETask, OptimConfig, Progress
+from fmct_ray.data.augment import FMCT_WINDOWS, AugmentConfig, GPUAugment
+from fmct_ray.objectives import DINOConfig, DINOTask, MAEConfig, MAETask, OptimConfig, Progress, entropies
 from fmct_ray.objectives.optim import apply_schedule, build_optimizer, clip_gradients
 from fmct_ray.objectives.schedules import lr_at, weight_decay_at
+from fmct_ray.synthetic import synthetic_scan, to_int16
 
 TOY_DINO = DINOConfig(
     model="vit3d_tiny",
@@ -43,26 +48,20 @@ TOY_DINO = DINOConfig(
 TOY_MAE = MAEConfig(model="vit3d_tiny", decoder_dim=96, decoder_depth=2, decoder_heads=4, norm_pix_loss=False)
 
 
-def phantoms(n: int, side: int, gen: torch.Generator, channels: int = 3) -> torch.Tensor:
-    """n synthetic volumes (n, channels, side^3): per-volume background level and texture
-    frequency (global identity a view can recognise), plus 1-4 ellipsoids of random contrast."""
-    axis = torch.linspace(-1, 1, side)
-    z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")
-    vols = 0.05 * torch.randn(n, side, side, side, generator=gen)
-    for i in range(n):
-        level, freq, phase = torch.rand(3, generator=gen).tolist()
-        direction = torch.nn.functional.normalize(torch.randn(3, generator=gen), dim=0)
-        wave = torch.sin(
-            (1 + 6 * freq) * 3.14 * (direction[0] * z + direction[1] * y + direction[2] * x) + 6.28 * phase
-        )
-        vols[i] += level + 0.25 * wave
-        for _ in range(int(torch.randint(1, 5, (), generator=gen))):
-            c = torch.rand(3, generator=gen) * 1.2 - 0.6
-            r = torch.rand(3, generator=gen) * 0.4 + 0.1
-            inside = ((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2 < 1
-            vols[i][inside] += float(torch.rand((), generator=gen) * 1.4 - 0.7)
-    windows = [vols.clamp(0, 1)] + [torch.sigmoid((vols - 0.5) * k) for k in (4.0, 12.0)]
-    return torch.stack(windows[:channels], dim=1)
+def heads(n: int, side: int, seed: int, channels: int = 3, fov_mm: float = 192.0) -> torch.Tensor:
+    """n synthetic heads (`fmct_ray.synthetic.synthetic_scan`, each finding at prevalence 0.4) on a
+    side^3 grid spanning `fov_mm`, int16 HU mapped to the first `channels` FM-CT windows (brain,
+    subdural, bone) by `GPUAugment` with no random augmentation: (n, channels, side^3) in [0, 1].
+    Scan `i` depends on (seed, i) only."""
+    grid, spacing = (side,) * 3, (fov_mm / side,) * 3
+    hu = np.stack(
+        [
+            to_int16(synthetic_scan(np.random.default_rng([seed, i]), 0.4, grid, spacing=spacing).volume)
+            for i in range(n)
+        ]
+    )
+    off = dict(flip_prob=0.0, shift_prob=0.0, smooth_prob=0.0, gamma_prob=0.0)
+    return GPUAugment(AugmentConfig(windows=FMCT_WINDOWS[:channels], **off))(torch.from_numpy(hu))
 
 
 def random_crop(vols: torch.Tensor, scale: tuple[float, float], out: int, gen: torch.Generator):
@@ -81,12 +80,6 @@ def random_crop(vols: torch.Tensor, scale: tuple[float, float], out: int, gen: t
     return torch.stack(crops)
 
 
-def _entropies(probs: torch.Tensor) -> tuple[float, float]:
-    per_sample = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-    marginal = probs.mean(0)
-    return float(per_sample), float(-(marginal * marginal.clamp_min(1e-12).log()).sum())
-
-
 def _optimizer(module: torch.nn.Module, lr: float):
     cfg = OptimConfig(lr=lr, weight_decay=0.04, weight_decay_end=0.1, clip_grad=3.0)
     return cfg, build_optimizer(module, cfg)
@@ -100,7 +93,7 @@ def train_dino(
     gen = torch.Generator().manual_seed(seed)
     task = DINOTask(cfg).train()
     ocfg, opt = _optimizer(task.student, lr=lr)
-    pool = phantoms(64, 48, gen)
+    pool = heads(64, 48, seed)
     log = {k: [] for k in ("loss", "dino", "ibot", "koleo", "entropy", "marginal_entropy", "embed_std")}
     for step in range(steps):
         vols = pool[torch.randint(len(pool), (batch,), generator=gen)]
@@ -119,7 +112,7 @@ def train_dino(
         task.after_step(p)
         with torch.no_grad():
             probs = task.teacher_probs(g, p)["cls"]
-            ent, marg = _entropies(probs)
+            ent, marg = (float(h) for h in entropies(probs))
             std = task.teacher.backbone.forward_features(g[0])["cls"].std(0).mean()
         for k in ("loss", "dino", "ibot", "koleo"):
             log[k].append(float(out[k].detach()))
@@ -138,7 +131,7 @@ def train_mae(
     gen = torch.Generator().manual_seed(seed)
     task = MAETask(cfg).train()
     ocfg, opt = _optimizer(task.model, lr=lr)
-    pool = phantoms(64, 48, gen)
+    pool = heads(64, 48, seed)
     log = {"loss": [], "embed_std": []}
     for step in range(steps):
         vols = random_crop(pool[torch.randint(len(pool), (batch,), generator=gen)], (0.6, 1.0), 32, gen)

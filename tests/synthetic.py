@@ -1,9 +1,11 @@
-"""Synthetic head CTs for tests: HU volumes, world-space phantoms with markers, NIfTI bytes, DICOM series.
+"""File-format and geometry fixtures for tests: world-space phantoms with markers, NIfTI bytes, DICOM series.
 
-Reusable by any test: nothing here reads real data or touches the network. Volumes are float32 HU
-indexed like `RawScan.array` ([x, y, z] voxel grid of an affine); DICOM series are built in memory with
-pydicom (`dicom_series`) or written to a folder (`write_dicom_series`), with file names that are not in
-slice order so that readers must sort by position.
+Reusable by any test: nothing here reads real data or touches the network. Head volumes come from the
+project's one generator, `fmct_ray.synthetic.synthetic_head(rng, shape, spacing)`; this file turns HU
+arrays indexed like `RawScan.array` ([x, y, z] voxel grid of an affine) into files: DICOM series are
+built in memory with pydicom (`dicom_series`) or written to a folder (`write_dicom_series`), with file
+names that are not in slice order so that readers must sort by position. `head_phantom` is a geometry
+fixture (asymmetric markers at known world positions), not a head generator.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-AIR, BRAIN, SKULL = -1000.0, 30.0, 1000.0
+AIR, BRAIN = -1000.0, 30.0
 
 # Distinct, asymmetric markers (RAS mm offsets from the head centre, HU): a mirrored or swapped axis
 # moves a marker to where another one (or none) is expected.
@@ -26,33 +28,6 @@ MARKERS: tuple[tuple[tuple[float, float, float], float], ...] = (
     ((3.0, -9.0, 20.0), 3000.0),  # superior
 )
 MARKER_RADIUS_MM = 3.5
-
-
-def synthetic_head(
-    shape: Sequence[int] = (96, 96, 64),
-    spacing: Sequence[float] = (1.0, 1.0, 2.0),
-    rng: np.random.Generator | None = None,
-    noise: float = 20.0,
-    skull_mm: float = 6.0,
-) -> np.ndarray:
-    """A head-like ellipsoid centred in the grid: air -1000, skull ~1000 shell, brain ~30 HU, plus noise.
-
-    Args:
-        shape: voxel grid shape.
-        spacing: voxel size (mm) per axis; the ellipsoid is round in mm, not in voxels.
-        rng: noise source (None: no noise).
-        noise: Gaussian noise std, HU.
-        skull_mm: skull thickness, mm.
-    """
-    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)]
-    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
-    radii = [0.38 * n * s for n, s in zip(shape, spacing, strict=True)]
-    r = np.sqrt((x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2)
-    inner = 1 - skull_mm / min(radii)
-    out = np.where(r <= 1, np.where(r <= inner, BRAIN, SKULL), AIR).astype(np.float32)
-    if rng is not None and noise > 0:
-        out += rng.normal(0, noise, out.shape).astype(np.float32)
-    return out
 
 
 def head_phantom(

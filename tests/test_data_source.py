@@ -14,10 +14,10 @@ from fmct_ray.data.source import (
     epoch_order,
     make_plan,
     site_counts,
-    write_synthetic_store,
 )
 from fmct_ray.ingest.store import SiteStore
 from fmct_ray.storage import StorageConfig
+from fmct_ray.synthetic import write_store
 
 CROPS = MultiCropConfig(global_size=16, n_local=2, local_box=(32, 64), local_size=8)
 
@@ -25,9 +25,9 @@ CROPS = MultiCropConfig(global_size=16, n_local=2, local_box=(32, 64), local_siz
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("stores")
-    a = write_synthetic_store(str(root / "A"), 6, site="A", splits=("train", "train", "val"))
-    b = write_synthetic_store(str(root / "B"), 2, site="B", seed=1)
-    return root, a, b
+    a = write_store(str(root / "A"), 6, site="A", splits=("train", "train", "val"))
+    b = write_store(str(root / "B"), 2, site="B", seed=1)
+    return root, list(a["scan_id"]), list(b["scan_id"])
 
 
 def test_equal_weights_give_every_scan_once_per_epoch():
@@ -92,9 +92,8 @@ def test_crops_depend_on_the_sample_not_on_the_batch(stores):
 def test_fast_read_from_s3(s3, stores):
     root, _, _ = stores
     s3.filesystem().mkdir("bucket")
-    ids = write_synthetic_store(
-        "s3://bucket/siteS", 1, site="S", storage=StorageConfig(endpoint_url=s3.endpoint)
-    )
+    written = write_store("s3://bucket/siteS", 1, site="S", storage=StorageConfig(endpoint_url=s3.endpoint))
+    ids = list(written["scan_id"])
     site = SiteSpec("S", "s3://bucket/siteS", StorageConfig(endpoint_url=s3.endpoint))
     plan = make_plan(DataConfig(sites=(site,)))
     reader = VolumeReader(plan, CROPS)

@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from synthetic import dicom_series, nifti_bytes, patch_nifti_header, synthetic_head
+from synthetic import dicom_series, nifti_bytes, patch_nifti_header
 
 from fmct_ray.config import load
 from fmct_ray.ingest.geometry import PreprocessConfig, convert
@@ -27,6 +27,7 @@ from fmct_ray.ingest.readers import (
     slice_geometry,
 )
 from fmct_ray.ingest.scan_time import dicom_datetime
+from fmct_ray.synthetic import synthetic_head
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 DICOM_DIR = REAL / "invesalius_0051_dicom"
@@ -40,7 +41,7 @@ AFFINE = np.diag([0.8, 0.8, 2.0, 1.0])
 
 @pytest.fixture(scope="module")
 def head() -> np.ndarray:
-    return synthetic_head((48, 48, 24), (1.0, 1.0, 2.0), np.random.default_rng(0))
+    return synthetic_head(np.random.default_rng(0), (48, 48, 24), (1.0, 1.0, 2.0))
 
 
 def ramp_volume(shape=(24, 20, 12)) -> np.ndarray:

@@ -21,7 +21,7 @@ from fmct_ray.ingest import SiteStore, load_volume
 from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
 from fmct_ray.ingest.privacy import date_shift_days, pseudonym
 from fmct_ray.ingest.store import checksum
-from fmct_ray.synthetic import write_site
+from fmct_ray.synthetic import synthetic_head, write_site
 from fmct_ray.testing import RayCluster, kill_processes_under
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,21 +343,20 @@ def test_ingest_through_ray_job_submit(tmp_path):
 
 def test_series_are_grouped_by_uid_not_by_folder(tmp_path, ray_local, site_secret):
     """Two series interleaved in one folder, one of them spread over two folders -> two scans."""
-    from synthetic import synthetic_head as phantom
     from synthetic import write_dicom_series
 
     rng = np.random.default_rng(0)
     shared, other = tmp_path / "raw" / "shared_folder", tmp_path / "raw" / "elsewhere"
     a = write_dicom_series(
         shared,
-        phantom((64, 64, 24), (1.0, 1.0, 2.0), rng),
+        synthetic_head(rng, (64, 64, 24), (1.0, 1.0, 2.0)),
         (1.0, 1.0, 2.0),
         patient_id="PAT-A",
         series_uid="1.2.826.0.1.3680043.2.1125.1",
     )
     write_dicom_series(
         tmp_path / "b_tmp",
-        phantom((64, 64, 20), (1.0, 1.0, 2.0), rng),
+        synthetic_head(rng, (64, 64, 20), (1.0, 1.0, 2.0)),
         (1.0, 1.0, 2.0),
         patient_id="PAT-B",
         series_uid="1.2.826.0.1.3680043.2.1125.2",

@@ -439,11 +439,18 @@ def test_dino_head_batchnorm_keeps_similar_samples_apart():
     def teacher_entropy(use_bn: bool) -> float:
         torch.manual_seed(0)
         task = DINOTask(
-            DINOConfig(model="vit3d_tiny", head_hidden_dim=64, head_bottleneck_dim=32, n_prototypes=128,
-                       head_use_bn=use_bn)
+            DINOConfig(
+                model="vit3d_tiny",
+                head_hidden_dim=64,
+                head_bottleneck_dim=32,
+                n_prototypes=128,
+                head_use_bn=use_bn,
+            )
         ).train()
         x = 0.5 + 1e-3 * torch.randn(8, 3, 32, 32, 32)  # near-identical inputs
-        assert any(isinstance(m, torch.nn.BatchNorm1d) and m.training for m in task.teacher.modules()) == use_bn
+        assert (
+            any(isinstance(m, torch.nn.BatchNorm1d) and m.training for m in task.teacher.modules()) == use_bn
+        )
         logits = task.teacher.forward_teacher([x])["cls_logits"]
         task.dino_loss.center.copy_(logits.mean(0, keepdim=True))  # a centre that has caught up
         probs = task.dino_loss.teacher_probs(logits, 0.04)

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from fmct_ray import config as C
-from fmct_ray.data.source import Shard, fold_consumed, write_synthetic_store
+from fmct_ray.data.source import Shard, fold_consumed
 from fmct_ray.models import load_backbone
 from fmct_ray.objectives import Progress, entropies, scaled_lr
+from fmct_ray.synthetic import write_store
 from fmct_ray.train import checkpoint as ckpt
 from fmct_ray.train.metrics import COLUMNS, StepTimer, progress_line
 from fmct_ray.train.pretrain import (
@@ -270,7 +271,7 @@ def test_a_resume_after_unordered_reads_trains_on_every_sample_once():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("store") / "A")
-    write_synthetic_store(path, 8, site="A")
+    write_store(path, 8, site="A")
     return path
 
 
@@ -452,7 +453,7 @@ def test_one_by_four_equals_two_by_two_first_step(ray2, store, tmp_path):
 def s3_store(s3):
     s3.filesystem().mkdir("data")
     s3.filesystem().mkdir("runs")
-    write_synthetic_store("s3://data/siteA", 8, site="A")
+    write_store("s3://data/siteA", 8, site="A")
     return "s3://data/siteA"
 
 
@@ -610,3 +611,33 @@ def test_killed_worker_resumes_from_last_checkpoint(cluster, s3, s3_store, tmp_p
     first = dict(seq[: back[0]])
     assert all(first[k] == v for k, v in seq[back[0] :] if k in first), "replayed steps differ"
     assert [int(r["step"]) for r in rows(d)] == list(range(1, 13))
+
+
+@pytest.mark.parametrize("recipe", [DINO, MAE])
+def test_debug_recipes_learn_at_their_batch(recipe):
+    """Issue 11, defect 1: lr is per 256 samples, so the debug recipes' peak lr at the tests' global
+    batch (2 workers x 2) must still move the weights (it was 3.9e-6: the student moved 3.6e-4)."""
+    from fmct_ray.objectives import build_optimizer
+    from fmct_ray.train.pretrain import PretrainConfig, build_task
+
+    cfg = C.load(PretrainConfig, recipe)
+    peak = scaled_lr(cfg.optim.lr, 2 * cfg.train.batch_size * cfg.train.accum_steps)
+    assert 5e-4 <= peak <= 5e-3
+    task = build_task(cfg)
+    opt = build_optimizer(task.trainable, cfg.optim)
+    for group in opt.param_groups:
+        group["lr"] = peak
+    before = torch.nn.utils.parameters_to_vector(task.trainable.parameters()).detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    crops = cfg.data.crops
+    for step in range(10):
+        g = [torch.rand(4, 3, *(crops.global_size,) * 3, generator=gen) for _ in range(crops.n_global)]
+        loc = [torch.rand(4, 3, *(crops.local_size,) * 3, generator=gen) for _ in range(crops.n_local)]
+        p = Progress((step + 1) * 4, 40)
+        task(g, loc, p)["loss"].backward()
+        task.after_backward(p)
+        opt.step()
+        opt.zero_grad()
+        task.after_step(p)
+    after = torch.nn.utils.parameters_to_vector(task.trainable.parameters()).detach()
+    assert (after - before).norm() / before.norm() > 1e-2

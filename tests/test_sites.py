@@ -14,10 +14,11 @@ import pytest
 
 from fmct_ray import config as config_lib
 from fmct_ray.data.crops import MultiCropConfig
-from fmct_ray.data.source import DataConfig, Plan, SiteSpec, build_dataset, write_synthetic_store
+from fmct_ray.data.source import DataConfig, Plan, SiteSpec, build_dataset
 from fmct_ray.ingest.store import SiteStore
 from fmct_ray.sites import SitesConfig, load_sites, remote_args, secret_findings, site_scan_ids
 from fmct_ray.storage import StorageConfig
+from fmct_ray.synthetic import write_store
 from fmct_ray.testing import RayCluster, free_port, kill_processes_under
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,7 +231,7 @@ def two_nodes(tmp_path_factory):
 
     audit, stores = tmp_path_factory.mktemp("audit"), tmp_path_factory.mktemp("stores")
     for site in ("A", "B"):
-        write_synthetic_store(str(stores / site), 3, site=site, seed=ord(site))
+        write_store(str(stores / site), 3, site=site, seed=ord(site))
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     head = RayCluster(num_cpus=1, resources=json.dumps({"site_a": 1}))
     # This process is the driver, and Ray fixes a process's auth mode when `ray` is first imported

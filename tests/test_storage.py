@@ -4,9 +4,9 @@ credentials given each way a site can give them, and the bucket-region lookup.""
 import numpy as np
 import pytest
 
-from fmct_ray.data.source import write_synthetic_store
 from fmct_ray.ingest.store import SiteStore
 from fmct_ray.storage import BotocoreCredentials, StorageConfig, bucket_region
+from fmct_ray.synthetic import write_store
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +14,8 @@ def s3_store(s3, tmp_path_factory):
     """One synthetic scan in a local store and the same scan in s3://creds/site."""
     s3.filesystem().mkdir("creds")
     local = str(tmp_path_factory.mktemp("local") / "site")
-    ids = write_synthetic_store(local, 1, site="S")
-    write_synthetic_store("s3://creds/site", 1, site="S", storage=StorageConfig(endpoint_url=s3.endpoint))
+    ids = list(write_store(local, 1, site="S")["scan_id"])
+    write_store("s3://creds/site", 1, site="S", storage=StorageConfig(endpoint_url=s3.endpoint))
     return ids[0], SiteStore(local).read_volume(ids[0])
 
 
