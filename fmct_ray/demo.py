@@ -81,7 +81,7 @@ def stage_inspect(out: Path) -> None:
         print(f"picture of {row.scan_id}: {path}")
 
 
-STUDY = StudyConfig()
+STUDY = StudyConfig(scratch_epochs=0)  # the scratch baseline (minutes per task on 2 cores): jobs/study.py
 
 
 def stage_pretrain(out: Path) -> None:

@@ -20,6 +20,7 @@ nothing is tuned on the test split); every backbone gets the same features, draw
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from fmct_ray import config as config_lib
 from fmct_ray.eval.metrics import auroc, few_shot_summary, paired_permutation_test
 
 ROOT = Path(__file__).resolve().parents[1]
+echo = functools.partial(print, flush=True)  # progress lines reach a redirected log as they happen
 TASKS = ("hydrocephalus", "hemorrhage", "hemorrhage_left")
 
 
@@ -57,9 +59,9 @@ class StudyConfig:
         tasks: label columns to probe.
     """
 
-    corpus_scans: int = 240
-    pool_scans: int = 160
-    test_scans: int = 120
+    corpus_scans: int = 200
+    pool_scans: int = 140
+    test_scans: int = 100
     prevalence: float = 0.5
     objectives: tuple[str, ...] = ("dino", "mae")
     dino_recipe: str = "configs/pretrain/cpu_dino_tiny.yaml"
@@ -78,7 +80,7 @@ class StudyConfig:
 
 
 # -- data -------------------------------------------------------------------------------------
-def stage_data(cfg: StudyConfig, out: Path, log=print) -> None:
+def stage_data(cfg: StudyConfig, out: Path, log=echo) -> None:
     from fmct_ray.synthetic import write_store
 
     stores = out / "stores"
@@ -139,7 +141,7 @@ def backbones(cfg: StudyConfig, out: Path) -> dict[str, dict]:
     return {**{obj: {"path": str(p)} for obj, p in found.items()}, **random}
 
 
-def stage_embed(cfg: StudyConfig, out: Path, log=print) -> None:
+def stage_embed(cfg: StudyConfig, out: Path, log=echo) -> None:
     from fmct_ray.data.embed import BackboneConfig, EmbedConfig, extract_embeddings
     from fmct_ray.eval.views import ViewConfig
 
@@ -176,7 +178,7 @@ def logistic_probe(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> Callable[[n
     return lambda z: ((z - mu) / sd) @ weights[:-1] + weights[-1]
 
 
-def shots_for(y: np.ndarray, shots, task: str, log=print) -> list[int]:
+def shots_for(y: np.ndarray, shots, task: str, log=echo) -> list[int]:
     """The K values the pool labels `y` allow (K positives and K negatives), saying which it skips."""
     pos, neg = int((y == 1).sum()), int((y == 0).sum())
     skipped = [k for k in shots if k > min(pos, neg)]
@@ -216,7 +218,7 @@ def result_row(task: str, backbone: str, k: int, draw: int, test: pd.DataFrame, 
     }
 
 
-def stage_probe(cfg: StudyConfig, out: Path, log=print) -> pd.DataFrame:
+def stage_probe(cfg: StudyConfig, out: Path, log=echo) -> pd.DataFrame:
     """One row per (task, backbone, K, draw): test AUROC and the test scores (for paired tests)."""
     from fmct_ray.data.embed import load_embeddings
 
@@ -241,7 +243,7 @@ def stage_probe(cfg: StudyConfig, out: Path, log=print) -> pd.DataFrame:
     return table
 
 
-def scratch_rows(cfg: StudyConfig, out: Path, labels: pd.DataFrame, log=print) -> list[dict]:
+def scratch_rows(cfg: StudyConfig, out: Path, labels: pd.DataFrame, log=echo) -> list[dict]:
     """The supervised baseline: the same preset trained from random init on each few-shot draw."""
     from fmct_ray.data.embed import BackboneConfig, build_backbone
     from fmct_ray.eval.views import ViewConfig, ViewLoader, to_model_input
@@ -272,7 +274,7 @@ def train_scratch(model, x: torch.Tensor, y: np.ndarray, x_test: torch.Tensor, e
     """Full supervised training of backbone + linear head on the few-shot set (AdamW, batch 16)."""
     head = torch.nn.Linear(model.embed_dim, 1)
     params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05, foreach=True)
     yt = torch.as_tensor(y, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -358,7 +360,7 @@ def fewshot_figure(summary: pd.DataFrame, figures: Path) -> Path:
     return _save(fig, figures / "fewshot_curves.png")
 
 
-def stage_report(cfg: StudyConfig, out: Path, log=print) -> str:
+def stage_report(cfg: StudyConfig, out: Path, log=echo) -> str:
     """results.md (tables), fewshot_curves.png and pretraining_curves.png under out/report/."""
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
@@ -398,7 +400,7 @@ def stage_report(cfg: StudyConfig, out: Path, log=print) -> str:
 STAGES = ("data", "pretrain", "embed", "probe", "report")
 
 
-def run(cfg: StudyConfig, out: Path, stages=STAGES, log=print) -> None:
+def run(cfg: StudyConfig, out: Path, stages=STAGES, log=echo) -> None:
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for stage in stages:
