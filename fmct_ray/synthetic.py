@@ -184,10 +184,16 @@ class Scan:
 
 
 def synthetic_scan(
-    rng: np.random.Generator, prevalence: float = 0.4, shape: Sequence[int] = (224, 224, 224), **kw
+    rng: np.random.Generator,
+    prevalence: float = 0.4,
+    shape: Sequence[int] = (224, 224, 224),
+    vary: bool = True,
+    **kw,
 ) -> Scan:
-    """A random head whose findings are each present with probability `prevalence`."""
-    anatomy = draw_anatomy(rng)
+    """A random head whose findings are each present with probability `prevalence`. `vary=False`
+    keeps one normal anatomy for every scan (only the findings and the noise differ): the easy
+    data of tests that check a pipeline can learn at all."""
+    anatomy = draw_anatomy(rng) if vary else Anatomy()
     hemorrhage, hydrocephalus = (bool(v) for v in rng.random(2) < prevalence)
     findings = draw_findings(rng, anatomy, hemorrhage, hydrocephalus)
     return Scan(synthetic_head(rng, shape, anatomy=anatomy, findings=findings, **kw), anatomy, findings)
@@ -266,6 +272,7 @@ def write_site(
     prevalence: float = 0.4,
     orientations: tuple[str, ...] = ("RAS", "LPS", "LAS", "LPI", "PIR"),
     shape: tuple[int, int, int] = (170, 200, 160),
+    vary: bool = True,
 ) -> list[dict]:
     """Write `n` synthetic scans as NIfTI under `folder`; returns one label dict per scan.
 
@@ -279,7 +286,7 @@ def write_site(
     rows = []
     for i in range(n):
         patient = f"p{seed:03d}{i // 2 if i % 3 == 0 else i:04d}"
-        scan = synthetic_scan(rng, prevalence, shape)
+        scan = synthetic_scan(rng, prevalence, shape, vary)
         transform, affine = orientation_affine(orientations[i % len(orientations)], shape, (1.0, 1.0, 1.0))
         path = folder / patient / f"scan{i:04d}.nii.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,6 +304,7 @@ def ingest_synthetic_sites(
     ingest_overrides: Sequence[str] = (),
     prevalence: float = 0.4,
     log: Callable[[str], None] = print,
+    vary: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Synthetic scans -> ingest -> labels, for the demo and the tests.
 
@@ -320,7 +328,7 @@ def ingest_synthetic_sites(
     for k, (site, n) in enumerate(sites.items()):
         raw, csv = out / "raw" / site, out / "raw" / f"{site}_labels.csv"
         if not csv.exists():
-            rows = write_site(raw / "synthetic", n=n, seed=seed + k, prevalence=prevalence)
+            rows = write_site(raw / "synthetic", n=n, seed=seed + k, prevalence=prevalence, vary=vary)
             pd.DataFrame([{**r, "file": f"synthetic/{r['file']}"} for r in rows]).to_csv(csv, index=False)
         log(f"\n== ingest {site} from {raw}")
         log(f"== {site}: {run_ingest(site, str(raw), str(out / 'stores' / site), cfg)}")
