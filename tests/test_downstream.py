@@ -58,9 +58,15 @@ def study(tmp_path_factory, ray_local):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("FMCT_SITE_SECRET", "test-secret")
         # one normal anatomy for every scan (vary=False): these tests check that the pipeline learns
-        # an easy task; what pretraining learns from varied anatomy is the study's question
+        # an easy task; what pretraining learns from varied anatomy is the study's question.
+        # Prevalence 0.5: the draws at 0.4 leave a held-out split of site B with 1 positive.
         labels, _ = ingest_synthetic_sites(
-            root, SITES, seed=100, ingest_overrides=["split_fractions=[0.5, 0.25, 0.25]"], vary=False
+            root,
+            SITES,
+            seed=100,
+            ingest_overrides=["split_fractions=[0.5, 0.25, 0.25]"],
+            vary=False,
+            prevalence=0.5,
         )
     counts = labels.groupby(["site", "split"])["Hydrocephalus"].agg(["count", "sum"])
     assert len(labels) == sum(SITES.values()) and labels["Hydrocephalus"].notna().all()
