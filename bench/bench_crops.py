@@ -39,25 +39,10 @@ from baseline_fmct import FMCTBaselineDINO, build_cache, padding_share  # noqa: 
 
 from fmct_ray.data.augment import GPUAugment, fmct_augment  # noqa: E402
 from fmct_ray.data.crops import MultiCrop, fmct_multicrop, foreground_fraction  # noqa: E402
+from fmct_ray.synthetic import synthetic_head, to_int16  # noqa: E402
 
-N = 224
 TARGET_PER_CORE = 12.5
 TARGET_RATIO = 5.0
-
-
-def phantom(seed: int = 0) -> np.ndarray:
-    """A CT-like head in 224^3: skull ~1000 HU, brain ~30 HU with noise, a ventricle, air -1024."""
-    rng = np.random.default_rng(seed)
-    z, y, x = np.ogrid[:N, :N, :N]
-    r = ((z - 108) / 82) ** 2 + ((y - 112) / 96) ** 2 + ((x - 112) / 74) ** 2
-    vol = np.full((N, N, N), -1024, np.int16)
-    head = r <= 1
-    vol[head] = rng.normal(1000, 80, head.sum()).astype(np.int16)
-    brain = r <= 0.82
-    vol[brain] = rng.normal(32, 6, brain.sum()).astype(np.int16)
-    vent = ((z - 110) / 20) ** 2 + ((y - 105) / 30) ** 2 + ((x - 112) / 8) ** 2 <= 1
-    vol[vent] = 5
-    return vol
 
 
 def rates(fns: dict, seconds: float, rounds: int = 5) -> dict[str, dict[str, float]]:
@@ -97,7 +82,7 @@ def global_head_share(volume: np.ndarray, placement: str, n: int = 40) -> float:
 
 def measure(seconds: float) -> dict:
     torch.set_num_threads(1)
-    vol = phantom()
+    vol = to_int16(synthetic_head(np.random.default_rng(0)))  # a 224^3 synthetic head
     t0 = time.perf_counter()
     cache = build_cache(vol)
     cache_s = time.perf_counter() - t0
