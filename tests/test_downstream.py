@@ -210,6 +210,7 @@ def check_against_sklearn(folder, table):
         assert row.auroc_lo <= row.auroc <= row.auroc_hi
 
 
+@pytest.mark.slow
 def test_scratch_optuna_asha_variant(study, ray_local):
     """The Optuna (TPE) + ASHA scratch search: a few trials per task and site, all finished, each
     with a validation AUROC, configurations drawn from the grid's values."""

@@ -113,13 +113,13 @@ def test_runlog_mirrors_into_an_s3_run_folder(s3, tmp_path):
     from fmct_ray.storage import StorageConfig
     from fmct_ray.train.checkpoint import storage_filesystem
 
-    s3.filesystem().mkdir("runs")
-    path, fs = storage_filesystem("s3://runs/prefix", StorageConfig(endpoint_url=s3.endpoint))
+    s3.filesystem().mkdir("metrics-runs")
+    path, fs = storage_filesystem("s3://metrics-runs/prefix", StorageConfig(endpoint_url=s3.endpoint))
     log = RunLog(f"{path}/my-run", fs)
     log.write(row(1))
     log.write(row(2))
     log.close()
     local = tmp_path / "copy"
-    s3.filesystem().get("runs/prefix/my-run", str(local), recursive=True)
+    s3.filesystem().get("metrics-runs/prefix/my-run", str(local), recursive=True)
     assert [r["step"] for r in read_csv(local / "metrics.csv")] == ["1", "2"]
     assert scalars(local / "tensorboard")["loss"] == [(1, 9.0), (2, 8.0)]

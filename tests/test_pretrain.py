@@ -387,6 +387,7 @@ def test_stop_and_resume_equals_uninterrupted(dino_run, store, tmp_path):
     assert_same_run(full, resumed)
 
 
+@pytest.mark.slow  # the default tier keeps the one-worker and unordered variants
 def test_two_worker_stop_and_resume_equals_uninterrupted(ray2, store, tmp_path):
     """With 2 workers too: each rank streams its own shard in order, so the resumed run sees the
     same samples on the same ranks at the same steps (4 steps of global batch 4 over 8 scans)."""
@@ -434,6 +435,7 @@ def test_elastic_group_and_a_resize_at_resume(ray2, store, tmp_path):
     assert [int(r["step"]) for r in rows(resumed.checkpoint.path)] == list(range(1, 8))
 
 
+@pytest.mark.slow  # tests/test_dist_objectives.py checks the same sums in one process
 def test_one_by_four_equals_two_by_two_first_step(ray2, store, tmp_path):
     no_aug = [
         "augment.flip_prob=0",
