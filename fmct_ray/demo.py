@@ -98,7 +98,7 @@ def _backbone(out: Path) -> Path:
 
 
 def _launch(out: Path):
-    from fmct_ray.train.tune import SweepLaunch
+    from fmct_ray.downstream.tune import SweepLaunch
 
     return SweepLaunch(
         name="demo-study",
@@ -112,8 +112,8 @@ def _launch(out: Path):
 
 def stage_probe(out: Path) -> None:
     from fmct_ray.data.embed import EmbedConfig, extract_embeddings
-    from fmct_ray.train.finetune_config import FinetuneConfig
-    from fmct_ray.train.tune import run_finetune_sweep, run_scratch_sweep
+    from fmct_ray.downstream.config import FinetuneConfig
+    from fmct_ray.downstream.tune import run_finetune_sweep, run_scratch_sweep
 
     launch = _launch(out)
     ecfg = config_lib.load(
@@ -130,8 +130,9 @@ def stage_probe(out: Path) -> None:
 
 
 def stage_report(out: Path) -> None:
-    from fmct_ray.eval.report import ReportConfig, attention_input, write_report
-    from fmct_ray.train.finetune_config import FinetuneConfig
+    from fmct_ray.data.views import attention_input
+    from fmct_ray.downstream.config import FinetuneConfig
+    from fmct_ray.eval.report import ReportConfig, write_report
 
     launch = _launch(out)
     view = config_lib.load(FinetuneConfig, ROOT / "configs/finetune/debug_tiny.yaml").view

@@ -143,7 +143,7 @@ def backbones(cfg: StudyConfig, out: Path) -> dict[str, dict]:
 
 def stage_embed(cfg: StudyConfig, out: Path, log=echo) -> None:
     from fmct_ray.data.embed import BackboneConfig, EmbedConfig, extract_embeddings
-    from fmct_ray.eval.views import ViewConfig
+    from fmct_ray.data.views import ViewConfig
 
     stores = {"eval": str(out / "stores" / "eval")}
     for name, fields in backbones(cfg, out).items():
@@ -246,7 +246,7 @@ def stage_probe(cfg: StudyConfig, out: Path, log=echo) -> pd.DataFrame:
 def scratch_rows(cfg: StudyConfig, out: Path, labels: pd.DataFrame, log=echo) -> list[dict]:
     """The supervised baseline: the same preset trained from random init on each few-shot draw."""
     from fmct_ray.data.embed import BackboneConfig, build_backbone
-    from fmct_ray.eval.views import ViewConfig, ViewLoader, to_model_input
+    from fmct_ray.data.views import ViewConfig, ViewLoader, to_model_input
 
     view = ViewConfig(**cfg.view)
     store = str(out / "stores" / "eval")

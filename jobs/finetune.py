@@ -16,9 +16,9 @@ import argparse
 
 from fmct_ray.cli import load_config, parser
 from fmct_ray.data.embed import EmbedConfig, extract_embeddings
-from fmct_ray.train.finetune_config import FinetuneConfig
-from fmct_ray.train.sweep_cli import add_launch_args, launch_from_args, parse_stores
-from fmct_ray.train.tune import run_finetune_sweep
+from fmct_ray.downstream.config import FinetuneConfig
+from fmct_ray.downstream.sweep_cli import add_launch_args, launch_from_args, parse_stores
+from fmct_ray.downstream.tune import run_finetune_sweep
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ external-validation matrices, optionally an attention-distance map of one scan).
 
 import argparse
 
-from fmct_ray.eval.report import ReportConfig, attention_input, write_report
+from fmct_ray.data.views import attention_input
+from fmct_ray.eval.report import ReportConfig, write_report
 
 
 def main() -> None:

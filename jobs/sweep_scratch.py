@@ -12,9 +12,9 @@ Running the same command again resumes the sweep.
 import argparse
 
 from fmct_ray.cli import load_config, parser
-from fmct_ray.train.finetune_config import FinetuneConfig
-from fmct_ray.train.sweep_cli import add_launch_args, launch_from_args
-from fmct_ray.train.tune import run_scratch_sweep
+from fmct_ray.downstream.config import FinetuneConfig
+from fmct_ray.downstream.sweep_cli import add_launch_args, launch_from_args
+from fmct_ray.downstream.tune import run_scratch_sweep
 
 
 def main() -> None:

@@ -5,10 +5,10 @@ from typing import Literal
 import pytest
 
 from fmct_ray import config as C
+from fmct_ray.downstream.config import FinetuneConfig
 from fmct_ray.eval.labels import LabelConfig
 from fmct_ray.ingest.pipeline import IngestConfig
 from fmct_ray.sites import SitesConfig
-from fmct_ray.train.finetune_config import FinetuneConfig
 from fmct_ray.train.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

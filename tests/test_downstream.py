@@ -15,19 +15,20 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from fmct_ray import config as C
 from fmct_ray.data.embed import EmbedConfig, extract_embeddings, load_embeddings
-from fmct_ray.eval.attention import attention_distance, patch_distances
-from fmct_ray.eval.report import ReportConfig, attention_input, write_report
-from fmct_ray.models import create_model, save_backbone
-from fmct_ray.synthetic import ingest_synthetic_sites
-from fmct_ray.train.finetune import run_finetune
-from fmct_ray.train.finetune_config import FinetuneConfig, balanced_draw, few_shot_pool
-from fmct_ray.train.tune import (
+from fmct_ray.data.views import attention_input
+from fmct_ray.downstream.config import FinetuneConfig, balanced_draw, few_shot_pool
+from fmct_ray.downstream.finetune import run_finetune
+from fmct_ray.downstream.tune import (
     SweepLaunch,
     finetune_runs,
     run_finetune_sweep,
     run_scratch_sweep,
     scratch_grid,
 )
+from fmct_ray.eval.attention import attention_distance, patch_distances
+from fmct_ray.eval.report import ReportConfig, write_report
+from fmct_ray.models import create_model, save_backbone
+from fmct_ray.synthetic import ingest_synthetic_sites
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "finetune" / "debug_tiny.yaml"

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from fmct_ray import config as C
+from fmct_ray.downstream.config import FinetuneConfig
+from fmct_ray.downstream.tune import SweepLaunch, run_finetune_sweep
 from fmct_ray.storage import StorageConfig
 from fmct_ray.testing import RayCluster
-from fmct_ray.train.finetune_config import FinetuneConfig
-from fmct_ray.train.tune import SweepLaunch, run_finetune_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "finetune" / "debug_tiny.yaml"

@@ -1,2 +1,3 @@
-"""The pretraining data path: Ray Data source over site stores (`source`), CPU multi-crop views
-(`crops`) and batched device-side augmentation (`augment`)."""
+"""The data path: Ray Data source over site stores (`source`), CPU multi-crop views (`crops`),
+batched device-side augmentation (`augment`), the deterministic evaluation views (`views`) and
+frozen-backbone embeddings (`embed`)."""

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fmct_ray.eval.views import ViewConfig, ViewLoader, to_model_input
+from fmct_ray.data.views import ViewConfig, ViewLoader, to_model_input
 from fmct_ray.models import create_model, load_backbone
 from fmct_ray.models.vit3d import VisionTransformer3D
 from fmct_ray.storage import StorageConfig, filesystem

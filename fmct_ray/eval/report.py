@@ -186,17 +186,3 @@ def write_report(
     if attention is not None:
         written["attention"] = figures.attention_figure(*attention, out / "attention_distance.png")
     return written
-
-
-def attention_input(backbone_path: str, store_uri: str, scan_id: str, view=None) -> tuple:
-    """(model, input, voxel_mm, title) for `write_report(attention=...)` from a stored scan."""
-    from fmct_ray.data.crops import eval_view
-    from fmct_ray.eval.views import ViewConfig, to_model_input
-    from fmct_ray.ingest.store import SiteStore
-    from fmct_ray.models import load_backbone
-
-    view = view or ViewConfig()
-    model = load_backbone(backbone_path).eval()
-    volume = SiteStore(store_uri).read_volume(scan_id)
-    x = to_model_input(eval_view(volume, view.crop, view.size)[None], view)
-    return model, x, view.crop / view.size, f"attention distance, scan {scan_id[:12]}"

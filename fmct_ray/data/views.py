@@ -96,3 +96,14 @@ class ViewLoader:
             return np.stack([self.view(s, i) for s, i in pairs])
         with ThreadPoolExecutor(self.threads) as pool:
             return np.stack(list(pool.map(lambda p: self.view(*p), pairs)))
+
+
+def attention_input(backbone_path: str, store_uri: str, scan_id: str, view=None) -> tuple:
+    """(model, input, voxel_mm, title) for `write_report(attention=...)` from a stored scan."""
+    from fmct_ray.models import load_backbone
+
+    view = view or ViewConfig()
+    model = load_backbone(backbone_path).eval()
+    volume = SiteStore(store_uri).read_volume(scan_id)
+    x = to_model_input(eval_view(volume, view.crop, view.size)[None], view)
+    return model, x, view.crop / view.size, f"attention distance, scan {scan_id[:12]}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fmct_ray.train.tune import SweepLaunch
+from fmct_ray.downstream.tune import SweepLaunch
 
 
 def add_launch_args(p: argparse.ArgumentParser) -> None:

@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 
 from fmct_ray.data.embed import load_embeddings
+from fmct_ray.downstream.config import FinetuneConfig
+from fmct_ray.downstream.finetune import run_finetune
 from fmct_ray.storage import StorageConfig, atomic_write, filesystem, join
-from fmct_ray.train.finetune import run_finetune
-from fmct_ray.train.finetune_config import FinetuneConfig
 
 METRIC = "val_auroc"
 

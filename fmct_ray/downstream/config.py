@@ -2,8 +2,8 @@
 `configs/finetune/*.yaml` (`FinetuneConfig` with its optimiser, training length and sweep matrix),
 the class-balanced epoch draws and few-shot pools, and the label-table splits of one task and site.
 
-The training loop that consumes these lives in `fmct_ray.train.finetune`; the Tune fan-out in
-`fmct_ray.train.tune`. No training code and no Ray here.
+The training loop that consumes these lives in `fmct_ray.downstream.finetune`; the Tune fan-out in
+`fmct_ray.downstream.tune`. No training code and no Ray here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fmct_ray.data.embed import BackboneConfig
-from fmct_ray.eval.views import ViewConfig
+from fmct_ray.data.views import ViewConfig
 
 Mode = Literal["full", "linear", "attentive"]
 Features = Literal["cls", "patch_mean"]
@@ -102,7 +102,7 @@ def epoch_size(pool: int, cfg: FinetuneTrain) -> int:
 # -- the recipe -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SweepConfig:
-    """The runs a sweep fans out (`fmct_ray.train.tune`; SPEC section 3).
+    """The runs a sweep fans out (`fmct_ray.downstream.tune`; SPEC section 3).
 
     Args:
         tasks: tasks of the matrix (empty: the run's `task`).
@@ -153,7 +153,7 @@ class FinetuneConfig:
         features: the embedding the linear head reads in linear and full modes: the CLS token
             (SPEC), or the mean of the patch tokens (`patch_mean`; on a backbone that never saw
             labels, e.g. a random-init one in the CPU tests, it keeps more of the image).
-        sweep: the matrix of runs and the scratch grid (`fmct_ray.train.tune`).
+        sweep: the matrix of runs and the scratch grid (`fmct_ray.downstream.tune`).
     """
 
     task: str = "Hydrocephalus"

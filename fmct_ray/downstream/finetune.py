@@ -16,7 +16,7 @@ Two input paths share one training loop (`fit`): volumes through `ViewLoader` (f
 scratch), and cached embeddings (`fmct_ray.data.embed`) for the frozen modes, which trains a probe
 in seconds on a CPU. Nothing here depends on Ray: a Tune trial passes a `report` callback. The
 recipe (`FinetuneConfig`), the epoch draws and the label splits are in
-`fmct_ray.train.finetune_config`.
+`fmct_ray.downstream.config`.
 """
 
 from __future__ import annotations
@@ -32,11 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmct_ray.data.embed import build_backbone, matrix
-from fmct_ray.eval.metrics import auroc
-from fmct_ray.eval.views import ViewConfig, ViewLoader, to_model_input
-from fmct_ray.models import AttentiveProbe, LinearProbe
-from fmct_ray.objectives.optim import param_groups
-from fmct_ray.train.finetune_config import (
+from fmct_ray.data.views import ViewConfig, ViewLoader, to_model_input
+from fmct_ray.downstream.config import (
     Features,
     FinetuneConfig,
     FinetuneOptim,
@@ -47,6 +44,9 @@ from fmct_ray.train.finetune_config import (
     few_shot_pool,
     split_rows,
 )
+from fmct_ray.eval.metrics import auroc
+from fmct_ray.models import AttentiveProbe, LinearProbe
+from fmct_ray.objectives.optim import param_groups
 
 
 # -- models ---------------------------------------------------------------------------------------
