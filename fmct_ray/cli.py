@@ -13,6 +13,12 @@ T = TypeVar("T")
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
+    add_config_args(p)
+    return p
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """`--config FILE` and repeated `--set key=value` (also on a job's subcommands)."""
     p.add_argument("--config", help="YAML file over the defaults")
     p.add_argument(
         "--set",
@@ -22,7 +28,6 @@ def parser(description: str) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="dotted override, e.g. --set preprocess.order=3 (repeatable)",
     )
-    return p
 
 
 def load_config(cls: type[T], args: argparse.Namespace) -> T:

@@ -1,4 +1,4 @@
-"""The fine-tuning matrix on Ray Tune: tasks x sites x modes x K x seeds, with external validation.
+r"""The fine-tuning matrix on Ray Tune: tasks x sites x modes x K x seeds, with external validation.
 
     # 1. cache frozen-backbone embeddings (Ray Data actor pool, GPU when present)
     python jobs/finetune.py embed --config configs/finetune/fmct_vitb.yaml \
@@ -9,27 +9,42 @@
         --storage s3://b/studies --labels labels.parquet --embeddings s3://b/study/embeddings.parquet \
         --stores A=s3://b/siteA B=s3://b/siteB --cpus-per-trial 0.25 --gpus-per-trial 0
 
-Running the same sweep command again resumes it (finished trials are not re-run).
+Running the same sweep command again resumes it (finished trials are not re-run). Each stage
+takes its own flags: `python jobs/finetune.py embed --help`, `python jobs/finetune.py sweep --help`.
 """
 
 import argparse
 
-from fmct_ray.cli import load_config, parser
+from fmct_ray.cli import add_config_args, load_config
 from fmct_ray.data.embed import EmbedConfig, extract_embeddings
 from fmct_ray.downstream.config import FinetuneConfig
 from fmct_ray.downstream.sweep_cli import add_launch_args, launch_from_args, parse_stores
 from fmct_ray.downstream.tune import run_finetune_sweep
 
+EMBED = "Embed every train/val/test scan of the site stores with the recipe's backbone and view."
+SWEEP = "The fine-tuning matrix; the same --name and --storage again resume it."
+
 
 def main() -> None:
-    p = parser(__doc__)
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("stage", choices=["embed", "sweep"])
-    add_launch_args(p)
-    p.add_argument("--out", help="embed: output Parquet file")
-    p.add_argument("--actors", type=int, default=1, help="embed: actor pool size")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--tokens", action="store_true", help="embed: also keep all tokens (attentive probes)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = p.add_subparsers(dest="stage", required=True, metavar="{embed,sweep}")
+
+    embed = stages.add_parser(
+        "embed", help="cache frozen-backbone embeddings (Ray Data actor pool) -> Parquet", description=EMBED
+    )
+    add_config_args(embed)
+    embed.add_argument("--stores", nargs="+", required=True, metavar="SITE=URI", help="site stores to embed")
+    embed.add_argument("--out", required=True, help="output Parquet file (local or s3://)")
+    embed.add_argument("--actors", type=int, default=1, help="actor pool size")
+    embed.add_argument("--gpus-per-actor", type=float, default=0.0, help="0 on CPU clusters")
+    embed.add_argument("--tokens", action="store_true", help="also keep all tokens (attentive probes)")
+
+    sweep = stages.add_parser(
+        "sweep", help="Ray Tune: tasks x sites x modes x K x seeds, external validation", description=SWEEP
+    )
+    add_config_args(sweep)
+    add_launch_args(sweep)
+
     args = p.parse_args()
     cfg = load_config(FinetuneConfig, args)
     if args.stage == "embed":

@@ -186,7 +186,7 @@ def load_embeddings(uri: str, storage: StorageConfig | None = None) -> pd.DataFr
     """The embedding table; vector columns come back as numpy arrays (one per row)."""
     fs, path = filesystem(uri, storage)
     if not fs.exists(path):
-        raise FileNotFoundError(f"embeddings {uri} do not exist (run jobs/finetune.py --embed first)")
+        raise FileNotFoundError(f"embeddings {uri} do not exist (run `jobs/finetune.py embed` first)")
     with fs.open(path, "rb") as f:
         frame = pq.read_table(f).to_pandas()
     return frame
