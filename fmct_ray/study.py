@@ -53,7 +53,8 @@ class StudyConfig:
         random_seeds: random-init seeds of the baseline backbone.
         shots: K values (positives = negatives = K).
         draws: few-shot draws per K (the same draws for every backbone).
-        features: embedding column the probes read ("cls", "patch_mean" or "both").
+        features: what the probes read: "cls", "patch_mean", "both" (the two), or "grid" (every
+            patch token, flattened: the only one that keeps where in the head a feature is).
         l2: L2 strength of the logistic probe (on standardised features, per sample).
         scratch_epochs: epochs of the supervised scratch model (0: no scratch baseline).
         tasks: label columns to probe.
@@ -148,7 +149,11 @@ def stage_embed(cfg: StudyConfig, out: Path, log=echo) -> None:
     stores = {"eval": str(out / "stores" / "eval")}
     for name, fields in backbones(cfg, out).items():
         ecfg = EmbedConfig(
-            backbone=BackboneConfig(**fields), view=ViewConfig(**cfg.view), actors=2, cpus_per_actor=0.5
+            backbone=BackboneConfig(**fields),
+            view=ViewConfig(**cfg.view),
+            tokens=cfg.features == "grid",
+            actors=2,
+            cpus_per_actor=0.5,
         )
         n = extract_embeddings(
             ecfg, stores, str(out / "embeddings" / f"{name}.parquet"), splits=("train", "test")
@@ -202,6 +207,9 @@ def fewshot_draws(y: np.ndarray, k: int, draws: int, seed: int = 0) -> list[np.n
 def features(frame: pd.DataFrame, which: str) -> np.ndarray:
     from fmct_ray.data.embed import matrix
 
+    if which == "grid":  # the stored tokens are CLS first, then the patch tokens
+        tokens = matrix(frame, "tokens", dim=matrix(frame, "cls").shape[1])
+        return tokens[:, 1:].reshape(len(frame), -1)
     cols = ["cls", "patch_mean"] if which == "both" else [which]
     return np.concatenate([matrix(frame, c) for c in cols], axis=1)
 
@@ -316,59 +324,20 @@ def summarise(table: pd.DataFrame, labels: pd.DataFrame, reference: str = "rando
     return pd.DataFrame(rows)
 
 
-def pretraining_curves(out: Path, figures: Path) -> Path:
-    """Losses, teacher entropies and CLS spread of the DINO and MAE runs (their metrics.csv)."""
-    from fmct_ray.eval.figures import _plt, _save
-
-    plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    for obj in ("dino", "mae"):
-        csv = out / "runs" / f"study-{obj}" / "metrics.csv"
-        if not csv.exists():
-            continue
-        m = pd.read_csv(csv)
-        axes[0].plot(m["samples"], m[obj], label=f"{obj} loss")
-        if obj == "dino":
-            axes[1].plot(m["samples"], m["teacher_entropy"], label="teacher entropy")
-            axes[1].plot(m["samples"], m["teacher_marginal_entropy"], label="marginal entropy")
-            axes[1].axhline(float(m["log_k"].iloc[0]), color="k", ls=":", label="log K")
-            axes[2].plot(m["samples"], m["student_cls_std"], label="student CLS std")
-            axes[2].plot(m["samples"], m["teacher_cls_std"], label="teacher CLS std")
-        axes[3].plot(m["samples"], m["lr"], label=f"{obj} lr")
-    titles = ("loss", "DINO teacher entropies (nats)", "CLS spread across the batch", "learning rate")
-    for ax, title in zip(axes, titles, strict=True):
-        ax.set(title=title, xlabel="samples")
-        ax.legend(fontsize=7)
-    return _save(fig, figures / "pretraining_curves.png")
-
-
-def fewshot_figure(summary: pd.DataFrame, figures: Path) -> Path:
-    from fmct_ray.eval.figures import _plt, _save
-
-    plt = _plt()
-    tasks = sorted(summary["task"].unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for fam, c in summary[summary["task"] == task].groupby("backbone"):
-            c = c.sort_values("shots")
-            ax.plot(c["shots"], c["mean"], marker="o", label=fam)
-            ax.fill_between(c["shots"], c["lo"], c["hi"], alpha=0.15)
-        ax.axhline(0.5, color="k", ls=":", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set(title=task, xlabel="K (positives = negatives)", ylabel="test AUROC", ylim=(0.3, 1.02))
-        ax.legend(fontsize=7)
-    return _save(fig, figures / "fewshot_curves.png")
-
-
 def stage_report(cfg: StudyConfig, out: Path, log=echo) -> str:
     """results.md (tables), fewshot_curves.png and pretraining_curves.png under out/report/."""
+    from fmct_ray.eval import figures
+
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     labels = pd.read_parquet(out / "labels.parquet").set_index("scan_id")
     summary = summarise(pd.read_parquet(out / "probes.parquet"), labels)
     summary.to_csv(report / "fewshot_summary.csv", index=False)
-    fewshot_figure(summary, report)
-    pretraining_curves(out, report)
+    figures.study_fewshot_curves(summary, report / "fewshot_curves.png")
+    runs = {obj: out / "runs" / f"study-{obj}" / "metrics.csv" for obj in ("dino", "mae")}
+    figures.pretraining_curves(
+        {obj: pd.read_csv(p) for obj, p in runs.items() if p.exists()}, report / "pretraining_curves.png"
+    )
     lines = [
         "# Few-shot linear probes: pretrained against random init (same preset, view, probe, draws)",
         "",

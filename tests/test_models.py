@@ -33,6 +33,7 @@ torch.set_num_threads(2)
 # preset -> small input (B, C, side) that keeps the test fast; sides are multiples of the patch.
 SMALL_INPUTS = {
     "vit3d_tiny": (2, 3, 32),
+    "vit3d_tiny_p4": (2, 3, 16),
     "vit3d_small": (1, 3, 24),
     "vit3d_base": (1, 3, 24),
     "vit3d_voxelfm_base": (1, 1, 28),

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fmct_ray.study import family, fewshot_draws, logistic_probe, summarise
+from fmct_ray.study import family, features, fewshot_draws, logistic_probe, summarise
 
 
 def test_logistic_probe_matches_scikit_learn():
@@ -72,6 +72,18 @@ def test_summarise_pools_seeds_and_tests_against_random_init():
     assert summary.loc["random", "n"] == 6  # 3 draws x 2 seeds pooled
     assert summary.loc["good", "p_vs_random"] < 0.01 and summary.loc["good", "delta_vs_random"] > 0.3
     assert math.isnan(summary.loc["random"].get("p_vs_random", math.nan))
+
+
+def test_grid_features_are_the_patch_tokens_in_order_without_cls():
+    """`features(..., "grid")` reads the embedding job's stored tokens (CLS first, float16, flattened)."""
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(3, 1 + 8, 4)).astype(np.float16)  # 3 scans, CLS + 2^3 patches, width 4
+    frame = pd.DataFrame({"cls": list(tokens[:, 0]), "tokens": [t.reshape(-1) for t in tokens]})
+    grid = features(frame, "grid")
+    assert grid.shape == (3, 8 * 4)
+    np.testing.assert_array_equal(grid, tokens[:, 1:].reshape(3, -1).astype(np.float32))
+    both = features(frame.assign(patch_mean=list(tokens[:, 1:].mean(1))), "both")
+    assert both.shape == (3, 8)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""PNG figures of the downstream report (matplotlib, Agg backend; no display needed)."""
+"""PNG figures of the downstream and study reports (matplotlib, Agg backend; no display needed)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,44 @@ def attention_figure(model, x, voxel_mm: float, title: str, path: Path) -> Path:
         ax.axis("off")
     fig.colorbar(im, ax=axes.tolist(), label="mean attention distance (mm)")
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def pretraining_curves(runs: dict[str, pd.DataFrame], path: Path) -> Path:
+    """Loss, DINO teacher entropies, CLS spread and lr against samples for pretraining runs
+    (objective -> its metrics.csv), as the study's report shows them."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for obj, m in runs.items():
+        axes[0].plot(m["samples"], m[obj], label=f"{obj} loss")
+        if obj == "dino":
+            axes[1].plot(m["samples"], m["teacher_entropy"], label="teacher entropy")
+            axes[1].plot(m["samples"], m["teacher_marginal_entropy"], label="marginal entropy")
+            axes[1].axhline(float(m["log_k"].iloc[0]), color="k", ls=":", label="log K")
+            axes[2].plot(m["samples"], m["student_cls_std"], label="student CLS std")
+            axes[2].plot(m["samples"], m["teacher_cls_std"], label="teacher CLS std")
+        axes[3].plot(m["samples"], m["lr"], label=f"{obj} lr")
+    titles = ("loss", "DINO teacher entropies (nats)", "CLS spread across the batch", "learning rate")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set(title=title, xlabel="samples")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def study_fewshot_curves(summary: pd.DataFrame, path: Path) -> Path:
+    """One panel per task: test AUROC mean and interval against K, a line per backbone family."""
+    plt = _plt()
+    tasks = sorted(summary["task"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for fam, c in summary[summary["task"] == task].groupby("backbone"):
+            c = c.sort_values("shots")
+            ax.plot(c["shots"], c["mean"], marker="o", label=fam)
+            ax.fill_between(c["shots"], c["lo"], c["hi"], alpha=0.15)
+        ax.axhline(0.5, color="k", ls=":", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set(title=task, xlabel="K (positives = negatives)", ylabel="test AUROC", ylim=(0.3, 1.02))
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 

@@ -5,6 +5,7 @@ Presets are tiny registered functions returning a `ViT3DConfig` (timm style):
 | name                 | input     | patch | width/depth/heads | position    | extras                       |
 |----------------------|-----------|-------|-------------------|-------------|------------------------------|
 | `vit3d_tiny`         | 3 x 32^3  | 8     | 96/4/4            | sin-cos     | tests; < 1 s fwd+bwd on CPU  |
+| `vit3d_tiny_p4`      | 3 x 32^3  | 4     | 96/4/4            | sin-cos     | 512 tokens: the CPU MAE study |
 | `vit3d_small`        | 3 x 96^3  | 12    | 384/12/6          | sin-cos     |                              |
 | `vit3d_base`         | 3 x 96^3  | 12    | 768/12/12         | sin-cos     | FM-CT, about 89.4 M params   |
 | `vit3d_voxelfm_base` | 1 x 112^3 | 14    | 864/12/12         | RoPE (100)  | 4 registers, LS 1e-5, dp 0.1 |
@@ -39,6 +40,11 @@ def register_model(fn: Callable[[], ViT3DConfig]) -> Callable[[], ViT3DConfig]:
 @register_model
 def vit3d_tiny() -> ViT3DConfig:
     return ViT3DConfig(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=4)
+
+
+@register_model
+def vit3d_tiny_p4() -> ViT3DConfig:
+    return ViT3DConfig(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=4)
 
 
 @register_model
