@@ -5,10 +5,11 @@ Stages (each can run alone with `--stages`):
            findings -> two local site stores (site_a: real + synthetic, site_b: synthetic)
   inspect  manifests, quarantine tables, and a picture of a stored real volume
   pretrain the study's data (an unlabelled corpus store and a labelled few-shot/test store of
-           synthetic heads), then DINO and MAE with the CPU recipes (Ray Data + Ray Train, 2 workers)
+           synthetic heads), then DINO (patch 8) and MAE (patch 4) with the CPU recipes (Ray Data +
+           Ray Train, 2 workers)
   study    does pretraining help? embeddings by the DINO teacher, the MAE encoder and random init
-           (Ray Data), few-shot linear probes and a scratch baseline on the same draws, the report
-           (fmct_ray.study)
+           of each one's preset (Ray Data), few-shot linear probes on the same draws (DINO: CLS +
+           mean token; MAE: the patch-token grid), the reports (fmct_ray.study)
   probe    labels of the ingested sites, embeddings with the DINO backbone, then a Ray Tune sweep:
            linear and attentive probes against scratch models, per site, with external validation
   report   AUROC [CI], AP, p-values vs scratch, few-shot curves, external-validation matrix,
@@ -16,6 +17,7 @@ Stages (each can run alone with `--stages`):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -81,16 +83,30 @@ def stage_inspect(out: Path) -> None:
         print(f"picture of {row.scan_id}: {path}")
 
 
-STUDY = StudyConfig(scratch_epochs=0)  # the scratch baseline (minutes per task on 2 cores): jobs/study.py
+# Two studies on one set of stores (out/study): each backbone against random init of its own preset.
+# The scratch baseline (minutes per task on 2 cores) is left to jobs/study.py.
+STUDY = StudyConfig(objectives=("dino",), scratch_epochs=0)
+MAE_STUDY = StudyConfig(
+    objectives=("mae",), mae_recipe="configs/pretrain/cpu_mae_tiny_p4.yaml", features="grid", scratch_epochs=0
+)
+
+
+def _studies(out: Path):
+    return [
+        (STUDY, out / "study"),
+        (dataclasses.replace(MAE_STUDY, data=str(out / "study")), out / "study_mae"),
+    ]
 
 
 def stage_pretrain(out: Path) -> None:
     """The study's stores, then DINO and MAE with the CPU recipes on its corpus."""
-    study.run(STUDY, out / "study", ["data", "pretrain"])
+    for cfg, folder in _studies(out):
+        study.run(cfg, folder, ["data", "pretrain"])
 
 
 def stage_study(out: Path) -> None:
-    study.run(STUDY, out / "study", ["embed", "probe", "report"])
+    for cfg, folder in _studies(out):
+        study.run(cfg, folder, ["embed", "probe", "report"])
 
 
 def _backbone(out: Path) -> Path:

@@ -58,6 +58,8 @@ class StudyConfig:
         l2: L2 strength of the logistic probe (on standardised features, per sample).
         scratch_epochs: epochs of the supervised scratch model (0: no scratch baseline).
         tasks: label columns to probe.
+        data: folder of the data stage's `stores/` and `labels.parquet` (empty: the study's own
+            folder); studies of different presets or probes can share one.
     """
 
     corpus_scans: int = 200
@@ -77,13 +79,19 @@ class StudyConfig:
     l2: float = 1.0
     scratch_epochs: int = 10
     tasks: tuple[str, ...] = TASKS
+    data: str = ""
     view: dict = field(default_factory=lambda: {"crop": 192, "size": 32})
 
 
 # -- data -------------------------------------------------------------------------------------
+def data_dir(cfg: StudyConfig, out: Path) -> Path:
+    return Path(cfg.data).resolve() if cfg.data else out
+
+
 def stage_data(cfg: StudyConfig, out: Path, log=echo) -> None:
     from fmct_ray.synthetic import write_store
 
+    out = data_dir(cfg, out)
     stores = out / "stores"
     if not (stores / "corpus" / "manifest.parquet").exists():
         log(f"== study data: {cfg.corpus_scans} unlabelled pretraining scans")
@@ -107,7 +115,7 @@ def pretrain_run(cfg: StudyConfig, out: Path, objective: str) -> Path:
 
     recipe = cfg.dino_recipe if objective == "dino" else cfg.mae_recipe
     pcfg = config_lib.load(PretrainConfig, ROOT / recipe, list(cfg.overrides))
-    sites = (SiteSpec(name="corpus", uri=str(out / "stores" / "corpus")),)
+    sites = (SiteSpec(name="corpus", uri=str(data_dir(cfg, out) / "stores" / "corpus")),)
     pcfg = dataclasses.replace(pcfg, data=dataclasses.replace(pcfg.data, sites=sites))
     launch = LaunchConfig(
         name=f"study-{objective}",
@@ -146,7 +154,7 @@ def stage_embed(cfg: StudyConfig, out: Path, log=echo) -> None:
     from fmct_ray.data.embed import BackboneConfig, EmbedConfig, extract_embeddings
     from fmct_ray.data.views import ViewConfig
 
-    stores = {"eval": str(out / "stores" / "eval")}
+    stores = {"eval": str(data_dir(cfg, out) / "stores" / "eval")}
     for name, fields in backbones(cfg, out).items():
         ecfg = EmbedConfig(
             backbone=BackboneConfig(**fields),
@@ -230,7 +238,7 @@ def stage_probe(cfg: StudyConfig, out: Path, log=echo) -> pd.DataFrame:
     """One row per (task, backbone, K, draw): test AUROC and the test scores (for paired tests)."""
     from fmct_ray.data.embed import load_embeddings
 
-    labels = pd.read_parquet(out / "labels.parquet").set_index("scan_id")
+    labels = pd.read_parquet(data_dir(cfg, out) / "labels.parquet").set_index("scan_id")
     rows = []
     for name in backbones(cfg, out):
         emb = load_embeddings(str(out / "embeddings" / f"{name}.parquet")).sort_values("scan_id")
@@ -257,7 +265,7 @@ def scratch_rows(cfg: StudyConfig, out: Path, labels: pd.DataFrame, log=echo) ->
     from fmct_ray.data.views import ViewConfig, ViewLoader, to_model_input
 
     view = ViewConfig(**cfg.view)
-    store = str(out / "stores" / "eval")
+    store = str(data_dir(cfg, out) / "stores" / "eval")
     manifest = labels.reset_index().sort_values("scan_id")  # the probes' order: the same draws
     pool, test = manifest[manifest["split"] == "train"], manifest[manifest["split"] == "test"]
     loader = ViewLoader({"eval": store}, view, cache=True)
@@ -330,7 +338,7 @@ def stage_report(cfg: StudyConfig, out: Path, log=echo) -> str:
 
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
-    labels = pd.read_parquet(out / "labels.parquet").set_index("scan_id")
+    labels = pd.read_parquet(data_dir(cfg, out) / "labels.parquet").set_index("scan_id")
     summary = summarise(pd.read_parquet(out / "probes.parquet"), labels)
     summary.to_csv(report / "fewshot_summary.csv", index=False)
     figures.study_fewshot_curves(summary, report / "fewshot_curves.png")

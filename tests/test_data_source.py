@@ -22,6 +22,14 @@ from fmct_ray.synthetic import write_store
 CROPS = MultiCropConfig(global_size=16, n_local=2, local_box=(32, 64), local_size=8)
 
 
+def test_write_store_is_the_same_with_one_or_two_threads(tmp_path):
+    one = write_store(str(tmp_path / "one"), 3, site="T", seed=5, splits=("train", "test"), threads=1)
+    two = write_store(str(tmp_path / "two"), 3, site="T", seed=5, splits=("train", "test"), threads=2)
+    assert one.equals(two) and list(one["split"]) == ["train", "test", "train"]
+    sums = [list(SiteStore(str(tmp_path / d)).manifest()["checksum"]) for d in ("one", "two")]
+    assert sums[0] == sums[1] and len(set(sums[0])) == 3
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("stores")

@@ -18,12 +18,39 @@ import pytest
 
 from fmct_ray import config as C
 from fmct_ray.downstream.config import FinetuneConfig
-from fmct_ray.downstream.tune import SweepLaunch, run_finetune_sweep
+from fmct_ray.downstream.tune import SweepLaunch, feasible_runs, run_finetune_sweep
 from fmct_ray.storage import StorageConfig
 from fmct_ray.testing import RayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "finetune" / "debug_tiny.yaml"
+
+
+def test_runs_a_site_cannot_draw_are_left_out_and_named():
+    labels = pd.DataFrame(
+        {
+            "site": ["A"] * 6 + ["B"] * 6,
+            "split": ["train"] * 5 + ["test"] + ["train"] * 6,
+            "T": [1, 1, 0, 0, np.nan, 1] + [1, 0, 0, 0, 0, 0],
+        }
+    )
+    runs = [
+        {"kind": "finetune", "task": "T", "site": site, "mode": "linear", "shots": k, "seed": seed}
+        for site in "AB"
+        for k in (0, 2)
+        for seed in (0, 1)
+    ]
+    said = []
+    kept = feasible_runs(runs, labels, said.append)
+    assert [(r["site"], r["shots"]) for r in kept] == [
+        ("A", 0),
+        ("A", 0),
+        ("A", 2),
+        ("A", 2),
+        ("B", 0),
+        ("B", 0),
+    ]
+    assert said == ["== skipped: T at B, K=2: its train split has 1 positives, 5 negatives"]
 
 
 def write_embedding_study(folder: Path, n: int = 40, dim: int = 16) -> dict[str, str]:

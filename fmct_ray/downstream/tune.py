@@ -89,6 +89,23 @@ def finetune_runs(cfg: FinetuneConfig, sites: list[str]) -> list[dict[str, Any]]
     return runs
 
 
+def feasible_runs(runs: list[dict[str, Any]], labels: pd.DataFrame, log=print) -> list[dict[str, Any]]:
+    """The runs whose K-shot draw the site's train split allows (K labelled positives and K
+    negatives), saying once per (task, site, K) which it leaves out and why."""
+    train = labels[labels["split"] == "train"]
+    keep, skipped = [], {}
+    for run in runs:
+        y = train.loc[train["site"] == run["site"], run["task"]]
+        pos, neg = int((y == 1).sum()), int((y == 0).sum())
+        if run["shots"] > min(pos, neg):
+            skipped[(run["task"], run["site"], run["shots"])] = (pos, neg)
+        else:
+            keep.append(run)
+    for (task, site, k), (pos, neg) in sorted(skipped.items()):
+        log(f"== skipped: {task} at {site}, K={k}: its train split has {pos} positives, {neg} negatives")
+    return keep
+
+
 def scratch_grid(cfg: FinetuneConfig) -> list[dict[str, Any]]:
     """The 3 x 4 x 4 x 3 = 144 scratch configurations of SPEC section 3 (with the default lists)."""
     s = cfg.sweep
@@ -253,7 +270,7 @@ def run_finetune_sweep(cfg: FinetuneConfig, launch: SweepLaunch) -> pd.DataFrame
     from ray import tune
 
     ray.init(ignore_reinit_error=True)
-    runs = finetune_runs(cfg, _sites(cfg, launch))
+    runs = feasible_runs(finetune_runs(cfg, _sites(cfg, launch)), pd.read_parquet(launch.labels))
     return _fit(build_tuner(cfg, launch, {"run": tune.grid_search(runs)}, "finetune"))
 
 
