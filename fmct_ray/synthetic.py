@@ -219,32 +219,36 @@ def write_store(
     """Write `n` synthetic 224^3 heads straight into a site store (scan ids `<site>-0000`..., the
     stored frame, no ingest) with a manifest; returns one row per scan: scan_id, patient_id, split
     and `Scan.record()` (labels and their continuous facts). Scan `i` depends on (seed, i) only, so
-    `threads` (default: one per core) changes nothing but the speed."""
+    `threads` (default: one per core, at most 4) changes nothing but the speed."""
     from fmct_ray.ingest.store import SiteStore, StoreConfig, checksum
 
     store = SiteStore(uri, storage)
     store.init(site)
 
-    def make(i: int):
+    def make(i: int) -> tuple[dict, np.ndarray]:
         scan = synthetic_scan(np.random.default_rng([seed, i]), prevalence)
-        return scan, to_int16(scan.volume)
+        return scan.record(), to_int16(scan.volume)
 
+    # heads are drawn in threads (numpy and torch release the GIL), a few at a time so that memory
+    # stays flat, and written and committed in order
+    workers = threads or min(4, os.cpu_count() or 1)
     rows = []
-    # heads are drawn in threads (numpy and torch release the GIL), written and committed in order
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        for i, (scan, vol) in enumerate(pool.map(make, range(n))):
-            scan_id = f"{site}-{i:04d}"
-            store.write_volume(scan_id, vol, np.eye(4), StoreConfig(verify_writes=False))
-            row = {
-                "scan_id": scan_id,
-                "patient_id": f"{site}-p{i:04d}",
-                "site": site,
-                "split": splits[i % len(splits)],
-            }
-            store.commit({**row, "stored_shape": list(vol.shape), "checksum": checksum(vol)})
-            rows.append({**row, **scan.record()})
-            if log and (i + 1) % 50 == 0:
-                log(f"  {site}: {i + 1}/{n} scans written")
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, n, 2 * workers):
+            batch = range(start, min(n, start + 2 * workers))
+            for i, (record, vol) in zip(batch, pool.map(make, batch), strict=True):
+                scan_id = f"{site}-{i:04d}"
+                store.write_volume(scan_id, vol, np.eye(4), StoreConfig(verify_writes=False))
+                row = {
+                    "scan_id": scan_id,
+                    "patient_id": f"{site}-p{i:04d}",
+                    "site": site,
+                    "split": splits[i % len(splits)],
+                }
+                store.commit({**row, "stored_shape": list(vol.shape), "checksum": checksum(vol)})
+                rows.append({**row, **record})
+                if log and (i + 1) % 50 == 0:
+                    log(f"  {site}: {i + 1}/{n} scans written")
     store.consolidate()
     return pd.DataFrame(rows)
 

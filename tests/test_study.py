@@ -4,6 +4,7 @@ whole study on a tiny corpus through Ray (slow)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -88,22 +89,30 @@ def test_grid_features_are_the_patch_tokens_in_order_without_cls():
 
 @pytest.fixture(scope="module")
 def dino_study(tmp_path_factory):
-    """The study with the CPU DINO recipe through Ray Data + Ray Train, once for the slow tests."""
+    """The study of docs/models.md with the CPU DINO recipe at patch 4 (`cpu_dino_tiny_p4.yaml`),
+    probed on the token grid, at the study's own sizes, through Ray Data + Ray Train (about 15
+    minutes), once for the slow tests."""
     from fmct_ray.study import StudyConfig, run
 
     out = tmp_path_factory.mktemp("study")
     cfg = StudyConfig(
-        corpus_scans=160,
-        pool_scans=80,
-        test_scans=80,
         objectives=("dino",),
+        dino_recipe="configs/pretrain/cpu_dino_tiny_p4.yaml",
+        features="grid",
         shots=(16,),
-        draws=5,
         scratch_epochs=0,
-        tasks=("hydrocephalus",),
     )
     run(cfg, out, ["data", "pretrain", "embed", "probe"])
     return out
+
+
+def dino_beats_random(study: Path, task: str) -> bool:
+    """At K = 16: DINO's mean test AUROC above random init's, with paired permutation p < 0.05."""
+    labels = pd.read_parquet(study / "labels.parquet").set_index("scan_id")
+    summary = summarise(pd.read_parquet(study / "probes.parquet"), labels)
+    summary = summary[summary["task"] == task].set_index("backbone")
+    dino, random = summary.loc["dino"], summary.loc["random"]
+    return bool(dino["mean"] > random["mean"] and dino["p_vs_random"] < 0.05)
 
 
 @pytest.mark.slow
@@ -135,16 +144,19 @@ def test_cpu_dino_recipe_learns_without_collapse(dino_study):
 
 
 @pytest.mark.slow
+def test_cpu_dino_beats_random_init_on_hydrocephalus(dino_study):
+    """At K = 16 the DINO teacher's token-grid probe beats random init (3 seeds) with p < 0.05."""
+    assert dino_beats_random(dino_study, "hydrocephalus")
+
+
+@pytest.mark.slow
 @pytest.mark.xfail(
-    strict=True, reason="issue 11's goal is not reached: docs/models.md, 'Does pretraining help?'"
+    strict=True, reason="issue 11's goal (two tasks) is not reached: docs/models.md, 'Does pretraining help?'"
 )
-def test_cpu_dino_beats_random_init(dino_study):
-    """The goal: at K = 16 the DINO teacher's probe beats random init (3 seeds) with p < 0.05. When
-    it does, this strict xfail fails: remove the marker."""
-    labels = pd.read_parquet(dino_study / "labels.parquet").set_index("scan_id")
-    summary = summarise(pd.read_parquet(dino_study / "probes.parquet"), labels).set_index("backbone")
-    dino, random = summary.loc["dino"], summary.loc["random"]
-    assert dino["mean"] > random["mean"] and dino["p_vs_random"] < 0.05
+def test_cpu_dino_beats_random_init_on_a_second_task(dino_study):
+    """The rest of the goal: a second task at K = 16 (the hemorrhage tasks are at chance for every
+    feature at this view). When it passes, this strict xfail fails: remove the marker."""
+    assert dino_beats_random(dino_study, "hemorrhage") or dino_beats_random(dino_study, "hemorrhage_left")
 
 
 @pytest.mark.slow
