@@ -157,25 +157,3 @@ def test_cpu_dino_beats_random_init_on_a_second_task(dino_study):
     """The rest of the goal: a second task at K = 16 (the hemorrhage tasks are at chance for every
     feature at this view). When it passes, this strict xfail fails: remove the marker."""
     assert dino_beats_random(dino_study, "hemorrhage") or dino_beats_random(dino_study, "hemorrhage_left")
-
-
-@pytest.mark.slow
-def test_cpu_mae_patch4_beats_random_init_on_the_token_grid(tmp_path):
-    """The study's positive result (docs/models.md), at its own sizes: MAE with vit3d_tiny_p4,
-    probed on the patch-token grid, beats random init of that preset on hydrocephalus at K = 16
-    (about 10 minutes: data, 300 steps of Ray Train, 4 embeddings)."""
-    from fmct_ray.study import StudyConfig, run
-
-    cfg = StudyConfig(
-        objectives=("mae",),
-        mae_recipe="configs/pretrain/cpu_mae_tiny_p4.yaml",
-        features="grid",
-        shots=(16,),
-        scratch_epochs=0,
-        tasks=("hydrocephalus",),
-    )
-    run(cfg, tmp_path, ["data", "pretrain", "embed", "probe"])
-    labels = pd.read_parquet(tmp_path / "labels.parquet").set_index("scan_id")
-    summary = summarise(pd.read_parquet(tmp_path / "probes.parquet"), labels).set_index("backbone")
-    mae, random = summary.loc["mae"], summary.loc["random"]
-    assert mae["mean"] > random["mean"] and mae["p_vs_random"] < 0.05
