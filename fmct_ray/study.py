@@ -216,7 +216,7 @@ def features(frame: pd.DataFrame, which: str) -> np.ndarray:
     from fmct_ray.data.embed import matrix
 
     if which == "grid":  # the stored tokens are CLS first, then the patch tokens
-        tokens = matrix(frame, "tokens", dim=matrix(frame, "cls").shape[1])
+        tokens = matrix(frame, "tokens", dim=len(frame["cls"].iloc[0]))
         return tokens[:, 1:].reshape(len(frame), -1)
     cols = ["cls", "patch_mean"] if which == "both" else [which]
     return np.concatenate([matrix(frame, c) for c in cols], axis=1)

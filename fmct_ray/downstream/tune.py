@@ -72,8 +72,8 @@ class SweepLaunch:
 
 
 # -- the runs -------------------------------------------------------------------------------------
-def _sites(cfg: FinetuneConfig, launch: SweepLaunch) -> list[str]:
-    return list(cfg.sweep.sites) or sorted(pd.read_parquet(launch.labels, columns=["site"])["site"].unique())
+def _sites(cfg: FinetuneConfig, labels: pd.DataFrame) -> list[str]:
+    return list(cfg.sweep.sites) or sorted(labels["site"].unique())
 
 
 def finetune_runs(cfg: FinetuneConfig, sites: list[str]) -> list[dict[str, Any]]:
@@ -270,7 +270,8 @@ def run_finetune_sweep(cfg: FinetuneConfig, launch: SweepLaunch) -> pd.DataFrame
     from ray import tune
 
     ray.init(ignore_reinit_error=True)
-    runs = feasible_runs(finetune_runs(cfg, _sites(cfg, launch)), pd.read_parquet(launch.labels))
+    labels = pd.read_parquet(launch.labels)  # once: the sites and the feasibility of each K-shot run
+    runs = feasible_runs(finetune_runs(cfg, _sites(cfg, labels)), labels)
     return _fit(build_tuner(cfg, launch, {"run": tune.grid_search(runs)}, "finetune"))
 
 
@@ -283,7 +284,7 @@ def run_scratch_sweep(cfg: FinetuneConfig, launch: SweepLaunch) -> pd.DataFrame:
     base = [
         {"kind": "scratch", "task": t, "site": s, "mode": "full", "shots": 0, "seed": 0}
         for t in (cfg.sweep.tasks or (cfg.task,))
-        for s in _sites(cfg, launch)
+        for s in _sites(cfg, pd.read_parquet(launch.labels, columns=["site"]))
     ]
     if cfg.sweep.search == "grid":
         runs = [{**b, **g} for b in base for g in scratch_grid(cfg)]
