@@ -209,6 +209,48 @@ def test_checkpoint_roundtrip(tmp_path):
     assert C.load(PretrainConfig, tmp_path / "config.yaml") == cfg
 
 
+def damage(d: Path, how: str) -> None:
+    """What interrupted writes and bad storage leave in a checkpoint folder."""
+    if how == "file missing":
+        (d / "optimizer.pt").unlink()
+    elif how == "truncated":
+        data = (d / "task.pt").read_bytes()
+        (d / "task.pt").write_bytes(data[: len(data) // 2])
+    elif how == "flipped byte":
+        data = bytearray((d / "task.pt").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (d / "task.pt").write_bytes(bytes(data))
+    elif how == "no manifest":
+        (d / "manifest_rank0.json").unlink()
+    elif how == "a rank's manifest missing":
+        (d / "manifest_rank1.json").unlink()
+    elif how == "bad manifest":
+        (d / "manifest_rank0.json").write_text('{"files": {"task.pt": ')
+
+
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("file missing", "optimizer.pt is missing"),
+        ("truncated", "task.pt has"),
+        ("flipped byte", "task.pt does not match its checksum"),
+        ("no manifest", "manifest_rank0.json is missing"),
+        ("a rank's manifest missing", "manifest_rank1.json is missing"),
+        ("bad manifest", "manifest_rank0.json is not valid JSON"),
+    ],
+)
+def test_verify_names_what_is_damaged(tmp_path, how, reason):
+    cfg = C.load(PretrainConfig, DINO)
+    task = build_task(cfg)
+    opt = torch.optim.AdamW(task.student.parameters())
+    ckpt.save(tmp_path, 0, task=task, optimizer=opt, state={"step": 1, "samples": 2}, cfg=cfg, world=2)
+    assert ckpt.verify(tmp_path) == "manifest_rank1.json is missing (a write that did not finish)"
+    ckpt.save(tmp_path, 1, world=2)  # the other rank's part (Ray merges the folders)
+    assert ckpt.verify(tmp_path) is None
+    damage(tmp_path, how)
+    assert reason in ckpt.verify(tmp_path)
+
+
 def test_no_checkpoint_before_the_first_one(tmp_path):
     assert ckpt.latest_checkpoint(str(tmp_path), "run") is None
     (tmp_path / "run").mkdir()
@@ -384,6 +426,34 @@ def test_stop_and_resume_equals_uninterrupted(dino_run, store, tmp_path):
     assert not (Path(part.checkpoint.path) / "teacher_backbone.pt").exists()
     resumed = fit(recipe(DINO, store), tmp_path, "part")
     assert resumed.metrics["step"] == 8
+    assert_same_run(full, resumed)
+
+
+def worker_logs() -> str:
+    """What the Ray workers of this session printed (the fixture does not forward it)."""
+    from ray._private.worker import _global_node
+
+    return "".join(
+        p.read_text(errors="replace") for p in Path(_global_node.get_logs_dir_path()).glob("worker-*.out")
+    )
+
+
+def test_resume_passes_over_damaged_checkpoints(dino_run, store, tmp_path):
+    """The two newest checkpoints damaged (as an interrupted upload and bad storage leave them):
+    the resubmitted run resumes from the newest intact one and ends as the uninterrupted run."""
+    _, full = dino_run
+    every = ("train.checkpoint_every=2", "train.keep_checkpoints=3")
+    part = fit(recipe(DINO, store, *every, "train.stop_after=6"), tmp_path, "damaged")
+    found = sorted(p for p in Path(tmp_path, "damaged").iterdir() if p.name.startswith("checkpoint_2"))
+    assert [json.loads((p / "state.json").read_text())["step"] for p in found] == [2, 4, 6]
+    damage(found[2], "truncated")
+    damage(found[1], "no manifest")
+    resumed = fit(recipe(DINO, store, *every), tmp_path, "damaged")
+    out = worker_logs()
+    assert f"checkpoint {found[2]} is damaged" in out and f"checkpoint {found[1]} is damaged" in out
+    assert f"resuming from the newest intact checkpoint, {found[0]}" in out
+    assert resumed.metrics["step"] == 8 and part.metrics["step"] == 6
+    assert [int(r["step"]) for r in rows(resumed.checkpoint.path)] == list(range(1, 9))  # no step twice
     assert_same_run(full, resumed)
 
 

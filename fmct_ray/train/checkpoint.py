@@ -12,6 +12,12 @@ A checkpoint is one folder that every rank reports through `ray.train.report(...
     metrics.csv        every metrics row of the run so far; rank 0
     rng_rank<r>.pt     torch / numpy / python RNG states of rank r; every rank
     teacher_backbone.pt  exported backbone (final checkpoint only; `fmct_ray.models.load_backbone`)
+    manifest_rank<r>.json  size and SHA-256 of each file rank r wrote, written after them; rank 0's
+                       also records the world size, so a checkpoint is whole when every rank's
+                       manifest is there and every file matches its line (`verify`)
+
+A checkpoint a write left incomplete (a node lost while uploading, a truncated or damaged file) is
+never resumed from: resume takes the newest registered checkpoint that verifies (`pretrain.restore`).
 
 Schedules are pure functions of the samples consumed (over the planned total), so `samples` *is*
 the schedulers' state, whatever the world size of the group that resumes.
@@ -19,6 +25,7 @@ the schedulers' state, whatever the world size of the group that resumes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -65,19 +72,66 @@ def save(
     state: dict | None = None,
     cfg=None,
     metrics_csv: str | None = None,
+    world: int = 1,
+    extra: tuple[str, ...] = (),
 ) -> Path:
-    """Write this rank's part of a checkpoint into `directory` (rank 0 writes the shared parts)."""
+    """Write this rank's part of a checkpoint into `directory` (rank 0 writes the shared parts),
+    then its manifest over those files and the `extra` ones (written into `directory` before)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), d / f"rng_rank{rank}.pt")
+    files = [f"rng_rank{rank}.pt", *extra]
+    torch.save(rng_state(), d / files[0])
     if rank == 0:
         torch.save(task_state(task), d / "task.pt")
         torch.save(optimizer.state_dict(), d / "optimizer.pt")
         (d / "state.json").write_text(json.dumps(state, indent=1))
         config_lib.save(cfg, d / "config.yaml")
+        files += ["task.pt", "optimizer.pt", "state.json", "config.yaml"]
         if metrics_csv is not None and Path(metrics_csv).exists():
             (d / "metrics.csv").write_bytes(Path(metrics_csv).read_bytes())
+            files.append("metrics.csv")
+    manifest = {"files": {f: file_entry(d / f) for f in files}, **({"world": world} if rank == 0 else {})}
+    (d / f"manifest_rank{rank}.json").write_text(json.dumps(manifest, indent=1))
     return d
+
+
+def file_entry(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def verify(directory: str | Path) -> str | None:
+    """Why the checkpoint in `directory` is not whole (a manifest or file missing, a size or
+    checksum that differs), or None when every rank's manifest is there and every file matches."""
+    d = Path(directory)
+
+    def manifest(rank: int) -> dict:
+        path = d / f"manifest_rank{rank}.json"
+        if not path.exists():
+            raise ValueError(f"{path.name} is missing (a write that did not finish)")
+        try:
+            return json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{path.name} is not valid JSON ({e})") from None
+
+    try:
+        first = manifest(0)
+        manifests = [first, *(manifest(r) for r in range(1, int(first.get("world", 1))))]
+    except ValueError as e:
+        return str(e)
+    for m in manifests:
+        for name, want in m["files"].items():
+            path = d / name
+            if not path.exists():
+                return f"{name} is missing"
+            if path.stat().st_size != want["size"]:
+                return f"{name} has {path.stat().st_size} bytes, its manifest says {want['size']}"
+            if file_entry(path)["sha256"] != want["sha256"]:
+                return f"{name} does not match its checksum"
+    return None
 
 
 def load(directory: str | Path, rank: int, task, optimizer) -> dict:

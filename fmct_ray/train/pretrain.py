@@ -2,7 +2,7 @@
 
 `train_loop_per_worker(config)` is what every Ray Train worker runs (and what the tests run): it
 builds the task, wraps the trainable module in DDP (`ray.train.torch.prepare_model`; the EMA
-teacher stays unwrapped), resumes from `ray.train.get_checkpoint()`, then runs the optimiser
+teacher stays unwrapped), resumes from the newest intact checkpoint of the run, then runs the optimiser
 steps that take the run to its planned total of samples, over its shard of the streaming dataset:
 
     micro-batches of int16 crops -> batched augmentation on the device -> task losses
@@ -309,18 +309,32 @@ def build_loop(cfg: PretrainConfig, length: RunLength) -> Loop:
 
 
 def restore(loop: Loop) -> dict:
-    """State of the checkpoint Ray hands this (re)started worker group, or a fresh start; rank 0
-    opens the run's metrics log (in the run folder, continued from the checkpoint's history)."""
+    """State of the newest intact checkpoint of the run, or a fresh start; rank 0 opens the run's
+    metrics log (in the run folder, continued from the checkpoint's history).
+
+    Ray hands a restarted group its latest registered checkpoint; one that a write left incomplete
+    or that was damaged since would fail every restart, so each registered checkpoint is verified
+    (`checkpoint.verify`), newest first, and the first whole one is resumed from, with a line for
+    each one passed over. Every rank reads the same files, so every rank picks the same one."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    if ray.train.get_checkpoint() is None:
         loop.log = open_run_log(loop, 0, None)
         return {"step": 0, "samples": 0}
-    with checkpoint.as_directory() as d:
-        state = ckpt.load(d, loop.rank, loop.task, loop.optimizer)
-        loop.log = open_run_log(loop, state["step"], Path(d) / "metrics.csv")  # copies it while d exists
-    return state
+    damaged = []
+    for r in sorted(ray.train.get_all_reported_checkpoints(), key=lambda r: -r.metrics.get("step", -1)):
+        with r.checkpoint.as_directory() as d:
+            problem = ckpt.verify(d)
+            if problem is None:
+                if damaged and loop.rank == 0:
+                    echo(f"resuming from the newest intact checkpoint, {r.checkpoint.path}")
+                state = ckpt.load(d, loop.rank, loop.task, loop.optimizer)
+                loop.log = open_run_log(loop, state["step"], Path(d) / "metrics.csv")  # copied while d exists
+                return state
+        damaged.append(f"{r.checkpoint.path}: {problem}")
+        if loop.rank == 0:
+            echo(f"WARNING checkpoint {r.checkpoint.path} is damaged, not resuming from it: {problem}")
+    raise RuntimeError("no intact checkpoint to resume from:\n  " + "\n  ".join(damaged))
 
 
 def open_run_log(loop: Loop, resume_step: int, history: Path | None) -> RunLog | None:
@@ -345,6 +359,9 @@ def report(loop: Loop, row: dict, state: dict, final: bool) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
+        extra = ()
+        if final and loop.rank == 0 and loop.cfg.train.export_backbone:
+            extra = (export_backbone(loop.task, Path(d) / "teacher_backbone.pt").name,)
         ckpt.save(
             d,
             loop.rank,
@@ -353,9 +370,9 @@ def report(loop: Loop, row: dict, state: dict, final: bool) -> None:
             state=state,
             cfg=loop.cfg,
             metrics_csv=str(loop.log.csv_path) if loop.log else None,
+            world=loop.world,
+            extra=extra,
         )
-        if final and loop.rank == 0 and loop.cfg.train.export_backbone:
-            export_backbone(loop.task, Path(d) / "teacher_backbone.pt")
         metrics = {**row, **{k: v for k, v in state.items() if k != "skip"}}  # skip: in state.json
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
