@@ -30,6 +30,33 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_store_args(p: argparse.ArgumentParser, sites_file: bool = False, required: bool = False) -> None:
+    """`--stores NAME=URI ...` (and `--sites FILE` where a job takes a sites file)."""
+    p.add_argument(
+        "--stores",
+        nargs="+" if required else "*",
+        required=required,
+        default=[],
+        metavar="NAME=URI",
+        help="site stores (local folders or s3:// URIs); credentials from the environment",
+    )
+    if sites_file:
+        p.add_argument(
+            "--sites", help="sites file (configs/sites/*.yaml): name, uri, storage, weight, resource"
+        )
+
+
+def sites_from_args(args: argparse.Namespace):
+    """The `SiteSpec`s of `--stores` and `--sites` (`fmct_ray.sites.job_sites`); exits naming the
+    item and the reason when they are wrong."""
+    from fmct_ray.sites import job_sites
+
+    try:
+        return job_sites(args.stores, getattr(args, "sites", None))
+    except ValueError as err:
+        sys.exit(f"sites: {err}")
+
+
 def load_config(cls: type[T], args: argparse.Namespace) -> T:
     try:
         return config_lib.load(cls, args.config, args.overrides)

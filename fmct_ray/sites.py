@@ -1,7 +1,7 @@
 """The sites file, and keeping each site's reads on the nodes that site allows.
 
 A sites file (`configs/sites/*.yaml`) lists the stores a run reads. Each entry is exactly a
-`fmct_ray.data.source.SiteSpec` (name, store `uri`, `storage` = a `StorageConfig` holding the
+`SiteSpec` (name, store `uri`, `storage` = a `StorageConfig` holding the
 endpoint and *references* to credentials, sampling `weight`, optional Ray `resource`), so the
 file feeds the data path without a second type:
 
@@ -25,18 +25,39 @@ keys) and says which line, without echoing it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from fmct_ray import config as config_lib
-from fmct_ray.data.source import SiteSpec
 from fmct_ray.storage import StorageConfig
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One site's store.
+
+    Args:
+        name: site name (logs; the row carries its position in `DataConfig.sites`).
+        uri: store root, local folder or s3://bucket/prefix.
+        storage: where the reader finds this site's credentials (never the secrets).
+        weight: per-scan sampling weight; a site's share of an epoch is proportional to
+            weight x its number of scans (all 1: every scan once per epoch).
+        resource: custom Ray resource that pins this site's readers to its nodes (None: anywhere).
+    """
+
+    name: str
+    uri: str
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    weight: float = 1.0
+    resource: str | None = None
+
 
 # Fraction of a site resource each reader asks for: small enough that the node's CPUs, not the
 # marker resource, bound how many readers run there (a node advertising 1 unit fits 1000).
@@ -98,14 +119,31 @@ def secret_findings(text: str) -> list[str]:
 
 
 def _check_storage(where: str, storage: StorageConfig) -> None:
-    for field in ("key_env", "secret_env"):
-        name = getattr(storage, field)
+    for attr in ("key_env", "secret_env"):
+        name = getattr(storage, attr)
         if name is not None and not _ENV_NAME.fullmatch(name):
-            raise ValueError(f"{where}.storage.{field} must be an environment variable NAME, not a value")
+            raise ValueError(f"{where}.storage.{attr} must be an environment variable NAME, not a value")
     if (storage.key_env is None) != (storage.secret_env is None):
         raise ValueError(f"{where}.storage: give both key_env and secret_env, or neither")
     if storage.profile is not None and not re.fullmatch(r"[A-Za-z0-9_.@+=,-]+", storage.profile):
         raise ValueError(f"{where}.storage.profile must be a profile name")
+
+
+def _check_uri(where: str, site: SiteSpec) -> None:
+    import fsspec
+
+    scheme, sep, rest = site.uri.partition("://")
+    if not sep:
+        if dataclasses.astuple(site.storage) != dataclasses.astuple(StorageConfig()):
+            raise ValueError(
+                f"{where}: storage settings are for object storage, but uri {site.uri!r} has no scheme "
+                "(s3://bucket/prefix?)"
+            )
+        return
+    if scheme not in fsspec.available_protocols():
+        raise ValueError(f"{where}: uri {site.uri!r}: no file system knows the scheme {scheme!r}")
+    if not rest.strip("/"):
+        raise ValueError(f"{where}: uri {site.uri!r} names no bucket or folder")
 
 
 def check_sites(sites: tuple[SiteSpec, ...]) -> None:
@@ -122,6 +160,7 @@ def check_sites(sites: tuple[SiteSpec, ...]) -> None:
             raise ValueError(f"{where}: name may use letters, digits, '_', '.', '-'")
         if not site.uri:
             raise ValueError(f"{where}: uri is empty")
+        _check_uri(where, site)
         if not (math.isfinite(site.weight) and site.weight >= 0):
             raise ValueError(f"{where}: weight must be a finite number >= 0, got {site.weight}")
         if site.resource is not None and (
@@ -176,6 +215,24 @@ def load_sites(path: str | Path) -> tuple[SiteSpec, ...]:
         return config_lib.build(SitesConfig, data).sites
     except config_lib.ConfigError as err:
         raise config_lib.ConfigError(f"sites file {path}: {err}") from err
+
+
+def job_sites(stores: Sequence[str] = (), sites_file: str | Path | None = None) -> tuple[SiteSpec, ...]:
+    """The sites of a job's command line: `--stores NAME=URI ...` (credentials from the
+    environment) then the entries of `--sites FILE`, checked together (`check_sites`: unique names,
+    URIs with a known scheme, ...); `ValueError` naming the item and the reason. Every job names
+    its sites this way. Nothing given: no sites (a recipe may list its own)."""
+    sites = []
+    for item in stores:
+        name, sep, uri = item.partition("=")
+        if not sep or not name or "://" in name:
+            raise ValueError(f"--stores {item!r}: expected NAME=URI (e.g. A=s3://bucket/siteA)")
+        sites.append(SiteSpec(name=name, uri=uri))
+    if sites_file:
+        sites += load_sites(sites_file)
+    if sites:
+        check_sites(tuple(sites))
+    return tuple(sites)
 
 
 # -- keeping reads on the site's nodes ------------------------------------------------------------

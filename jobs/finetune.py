@@ -15,10 +15,10 @@ takes its own flags: `python jobs/finetune.py embed --help`, `python jobs/finetu
 
 import argparse
 
-from fmct_ray.cli import add_config_args, load_config
+from fmct_ray.cli import add_config_args, add_store_args, load_config, sites_from_args
 from fmct_ray.data.embed import EmbedConfig, extract_embeddings
 from fmct_ray.downstream.config import FinetuneConfig
-from fmct_ray.downstream.sweep_cli import add_launch_args, launch_from_args, parse_stores
+from fmct_ray.downstream.sweep_cli import add_launch_args, launch_from_args
 from fmct_ray.downstream.tune import run_finetune_sweep
 
 EMBED = "Embed every train/val/test scan of the site stores with the recipe's backbone and view."
@@ -33,7 +33,7 @@ def main() -> None:
         "embed", help="cache frozen-backbone embeddings (Ray Data actor pool) -> Parquet", description=EMBED
     )
     add_config_args(embed)
-    embed.add_argument("--stores", nargs="+", required=True, metavar="SITE=URI", help="site stores to embed")
+    add_store_args(embed, required=True)
     embed.add_argument("--out", required=True, help="output Parquet file (local or s3://)")
     embed.add_argument("--actors", type=int, default=1, help="actor pool size")
     embed.add_argument("--gpus-per-actor", type=float, default=0.0, help="0 on CPU clusters")
@@ -55,7 +55,8 @@ def main() -> None:
             actors=args.actors,
             gpus_per_actor=args.gpus_per_actor,
         )
-        print(f"embedded {extract_embeddings(ecfg, parse_stores(args.stores), args.out)} scans -> {args.out}")
+        stores = {s.name: s.uri for s in sites_from_args(args)}
+        print(f"embedded {extract_embeddings(ecfg, stores, args.out)} scans -> {args.out}")
         return
     frame = run_finetune_sweep(cfg, launch_from_args(args))
     print(frame.filter(regex="run/|val_auroc").to_string(index=False))

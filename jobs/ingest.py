@@ -6,6 +6,8 @@ ray job submit --working-dir . -- python jobs/ingest.py ...
 
 import json
 
+import ray
+
 from fmct_ray.cli import load_config, parser
 from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
 
@@ -16,7 +18,12 @@ def main() -> None:
     p.add_argument("--input", required=True, help="folder or s3:// prefix with NIfTI files and DICOM series")
     p.add_argument("--output", required=True, help="store: local folder or s3://bucket/prefix")
     args = p.parse_args()
-    summary = run_ingest(args.site, args.input, args.output, load_config(IngestConfig, args))
+    cfg = load_config(IngestConfig, args)
+    ray.init(log_to_driver=True)  # the cluster of `ray job submit`, or a local one
+    try:
+        summary = run_ingest(args.site, args.input, args.output, cfg)
+    except ValueError as err:  # bad input or settings: the message names them
+        raise SystemExit(f"ingest: {err}") from None
     print("ingest summary:", json.dumps(summary, indent=1))
 
 

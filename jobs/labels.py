@@ -19,7 +19,7 @@ import argparse
 
 import pandas as pd
 
-from fmct_ray.cli import load_config, parser
+from fmct_ray.cli import add_store_args, load_config, parser, sites_from_args
 from fmct_ray.eval.labels import LabelConfig, make_labels
 from fmct_ray.ingest import SiteStore
 
@@ -27,7 +27,7 @@ from fmct_ray.ingest import SiteStore
 def main() -> None:
     p = parser(__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--stores", nargs="+", required=True, metavar="SITE=URI", help="site stores")
+    add_store_args(p, required=True)
     p.add_argument("--ehr", help="EHR table (CSV/Parquet): patient_id, time, code[, kind]")
     p.add_argument(
         "--scan-times",
@@ -38,7 +38,8 @@ def main() -> None:
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args()
     cfg = load_config(LabelConfig, args)
-    manifest = pd.concat([SiteStore(s.split("=", 1)[-1]).manifest() for s in args.stores], ignore_index=True)
+    sites = sites_from_args(args)
+    manifest = pd.concat([SiteStore(s.uri, s.storage).manifest() for s in sites], ignore_index=True)
     try:
         _, table = make_labels(
             cfg, manifest, args.out, ehr=args.ehr, scan_times=args.scan_times, public=args.public

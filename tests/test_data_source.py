@@ -8,7 +8,6 @@ from fmct_ray.data.crops import MultiCropConfig
 from fmct_ray.data.source import (
     DataConfig,
     Shard,
-    SiteSpec,
     VolumeReader,
     build_dataset,
     epoch_order,
@@ -16,6 +15,7 @@ from fmct_ray.data.source import (
     site_counts,
 )
 from fmct_ray.ingest.store import SiteStore
+from fmct_ray.sites import SiteSpec
 from fmct_ray.storage import StorageConfig
 from fmct_ray.synthetic import write_store
 
@@ -125,11 +125,14 @@ def test_streaming_dataset_over_two_sites(ray2, stores):
         cpus_per_reader=0.5,
         volumes_per_task=1,
         samples_per_epoch=6,
+        preserve_order=True,
     )
     from ray.data import DataContext
 
-    DataContext.get_current().execution_options.preserve_order = True
     ds = build_dataset(cfg, total_samples=15, shard=Shard(start=3))
+    # the order is the dataset's own setting: the process's DataContext is left as it was
+    assert ds.context.execution_options.preserve_order
+    assert not DataContext.get_current().execution_options.preserve_order
     batches = list(ds.iter_torch_batches(batch_size=4, drop_last=False))
     index = np.concatenate([b["index"].numpy() for b in batches])
     assert index.tolist() == list(range(3, 15))

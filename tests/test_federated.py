@@ -12,7 +12,7 @@ import torch
 from test_sites import alias, misplaced, reads_of, two_nodes  # noqa: F401
 
 from fmct_ray import config as C
-from fmct_ray.data.source import SiteSpec
+from fmct_ray.sites import SiteSpec
 from fmct_ray.train.checkpoint import task_state
 from fmct_ray.train.federated import FederatedConfig, average_states, latest, run_federated
 from fmct_ray.train.pretrain import PretrainConfig, build_task

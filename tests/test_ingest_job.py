@@ -133,7 +133,7 @@ def test_store_of_another_site_is_refused(tmp_path, ray_local, site_secret):
 
 def test_missing_secret_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("FMCT_SITE_SECRET", raising=False)
-    with pytest.raises(SystemExit, match="FMCT_SITE_SECRET"):
+    with pytest.raises(ValueError, match="FMCT_SITE_SECRET"):
         run_ingest("site_a", str(tmp_path), str(tmp_path / "store"), IngestConfig())
 
 

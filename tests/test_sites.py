@@ -1,6 +1,7 @@
 """Sites files (load, validate, refuse secrets) and node-restricted reading on a two-node local
 Ray cluster: every read of a restricted site's store happens on that site's node."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -14,9 +15,17 @@ import pytest
 
 from fmct_ray import config as config_lib
 from fmct_ray.data.crops import MultiCropConfig
-from fmct_ray.data.source import DataConfig, Plan, SiteSpec, build_dataset
+from fmct_ray.data.source import DataConfig, Plan, build_dataset
 from fmct_ray.ingest.store import SiteStore
-from fmct_ray.sites import SitesConfig, load_sites, remote_args, secret_findings, site_scan_ids
+from fmct_ray.sites import (
+    SitesConfig,
+    SiteSpec,
+    job_sites,
+    load_sites,
+    remote_args,
+    secret_findings,
+    site_scan_ids,
+)
 from fmct_ray.storage import StorageConfig
 from fmct_ray.synthetic import write_store
 from fmct_ray.testing import RayCluster, free_port, kill_processes_under
@@ -108,6 +117,9 @@ def test_secret_scan_leaves_ordinary_sites_alone():
         (("key_env: SITE_A_KEY, ", ""), "both key_env and secret_env"),
         (("weight: 2", "wieght: 2"), "unknown key"),
         (("uri: /data/b", "uri: 7"), "expected str"),
+        (("uri: s3://bucket-a/store", "uri: bucket-a/store"), "has no scheme"),
+        (("uri: /data/b", "uri: s4://data/b"), "no file system knows the scheme 's4'"),
+        (("uri: /data/b", "uri: s3://"), "names no bucket"),
     ],
 )
 def test_bad_sites_files_name_the_file_and_the_reason(tmp_path, change, message):
@@ -117,6 +129,34 @@ def test_bad_sites_files_name_the_file_and_the_reason(tmp_path, change, message)
     assert str(path) in str(err.value)
     with pytest.raises(config_lib.ConfigError, match="no sites"):
         load_sites(write(tmp_path, "sites: []\n"))
+
+
+def test_every_job_names_its_sites_one_way(tmp_path):
+    """`--stores NAME=URI` and `--sites FILE`, parsed and checked together (fmct_ray.cli)."""
+    from fmct_ray.cli import add_store_args, sites_from_args
+
+    p = argparse.ArgumentParser()
+    add_store_args(p, sites_file=True)
+    path = write(tmp_path, GOOD)
+    sites = sites_from_args(p.parse_args(["--stores", "c=/data/c", "d=s3://bucket/d", "--sites", str(path)]))
+    assert [(s.name, s.uri) for s in sites] == [
+        ("c", "/data/c"),
+        ("d", "s3://bucket/d"),
+        ("a", "s3://bucket-a/store"),
+        ("b", "/data/b"),
+    ]
+    assert sites[2] == load_sites(path)[0]  # the file's storage, weight and resource
+    assert job_sites() == ()  # a recipe may list its own
+    for argv, message in [
+        (["--stores", "/data/c"], "expected NAME=URI"),
+        (["--stores", "s3://bucket/x=1"], "expected NAME=URI"),
+        (["--stores", "b=/data/c", "--sites", str(path)], "unique"),
+        (["--stores", "c=s5://bucket/c"], "no file system knows the scheme 's5'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            job_sites(p.parse_args(argv).stores, p.parse_args(argv).sites)
+        with pytest.raises(SystemExit, match="sites: "):
+            sites_from_args(p.parse_args(argv))
 
 
 def test_remote_args_ask_for_a_sliver_of_the_site_resource():

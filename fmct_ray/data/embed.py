@@ -156,7 +156,6 @@ def extract_embeddings(
     table = table[table["split"].isin(splits)]
     if table.empty:
         raise ValueError(f"no scans of splits {splits} in stores {stores}")
-    ray.init(ignore_reinit_error=True)
     blocks = max(1, min(len(table) // cfg.batch_size, 4 * cfg.actors))  # enough blocks to feed every actor
     ds = ray.data.from_items(table.to_dict("records"), override_num_blocks=blocks).map_batches(
         Embedder,

@@ -38,27 +38,7 @@ import numpy as np
 
 from fmct_ray.data.crops import MultiCrop, MultiCropConfig
 from fmct_ray.ingest.store import SiteStore
-from fmct_ray.storage import StorageConfig
-
-
-@dataclass(frozen=True)
-class SiteSpec:
-    """One site's store.
-
-    Args:
-        name: site name (logs; the row carries its position in `DataConfig.sites`).
-        uri: store root, local folder or s3://bucket/prefix.
-        storage: where the reader finds this site's credentials (never the secrets).
-        weight: per-scan sampling weight; a site's share of an epoch is proportional to
-            weight x its number of scans (all 1: every scan once per epoch).
-        resource: custom Ray resource that pins this site's readers to its nodes (None: anywhere).
-    """
-
-    name: str
-    uri: str
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    weight: float = 1.0
-    resource: str | None = None
+from fmct_ray.sites import SiteSpec, remote_args, site_scan_ids
 
 
 @dataclass(frozen=True)
@@ -157,15 +137,11 @@ class Plan:
 
 
 def make_plan(cfg: DataConfig) -> Plan:
-    """Read every site's manifest (driver side) and keep the scan ids of `cfg.split`, sorted."""
+    """The scan ids of `cfg.split` of every site, sorted: each site's manifest is read where that site
+    may be read (`fmct_ray.sites.site_scan_ids`), and only its ids reach the caller."""
     if not cfg.sites:
         raise ValueError("no sites: give stores with --stores or a sites file")
-    ids = []
-    for site in cfg.sites:
-        manifest = SiteStore(site.uri, site.storage).manifest()
-        if cfg.split != "all":
-            manifest = manifest[manifest["split"] == cfg.split]
-        ids.append(tuple(sorted(manifest["scan_id"].astype(str))))
+    ids = [site_scan_ids(site, cfg.split) for site in cfg.sites]  # read on the site's nodes
     total = sum(len(i) for i in ids)
     if total == 0:
         raise ValueError(f"no scans in split {cfg.split!r} of any site: {[s.uri for s in cfg.sites]}")
@@ -303,25 +279,26 @@ def _select_sites(batch: dict[str, np.ndarray], plan: Plan, sites: tuple[int, ..
 def build_dataset(cfg: DataConfig, total_samples: int, shard: Shard = Shard(), plan: Plan | None = None):
     """The lazy Ray Dataset of one worker's shard of samples [shard.start, total_samples) of a run.
 
-    Rows come in shard order when the executing `DataContext` preserves order (`iter_shard` sets
-    it from `cfg.preserve_order`). Readers of sites that name a `resource` run only where that
-    resource exists (one pipeline per resource, unioned; order then holds per site only);
-    otherwise one pipeline serves every site.
+    Rows come in shard order with `cfg.preserve_order`. Readers of sites that name a `resource` run
+    only where that resource exists (`fmct_ray.sites.remote_args`; one pipeline per resource,
+    unioned; order then holds per site only); otherwise one pipeline serves every site. The
+    execution options are the dataset's own (its `context`), never the process's current
+    `DataContext`, so the stream is the same whoever built a dataset before.
     """
-    from ray.data import DataContext
-
-    # Ray Data fails the stream at the first reader actor that dies while starting (budget 0). On a
-    # busy cluster that happens to actors it cancels itself ("never ran"); replace a few instead.
-    ctx = DataContext.get_current()
-    ctx.max_consecutive_actor_init_deaths = max(ctx.max_consecutive_actor_init_deaths, 3)
     plan = plan or make_plan(cfg)
     groups: dict[str | None, list[int]] = {}
     for i, site in enumerate(plan.sites):
         groups.setdefault(site.resource, []).append(i)
     rows_per_block = max(cfg.volumes_per_task, 1)  # one reader call per block
     pipelines = []
-    for resource, members in groups.items():
+    for members in groups.values():
         ds = index_dataset(shard.rows(total_samples), rows_per_block)
+        ctx = ds.context  # shared by the datasets derived from ds, and by no other
+        ctx.execution_options.preserve_order = cfg.preserve_order  # exact resume (see DataConfig)
+        ctx.enable_progress_bars = False  # one bar per training worker floods the job log
+        # Ray Data fails the stream at the first reader actor that dies while starting (budget 0):
+        # on a busy cluster it cancels some itself ("never ran"); replace a few instead.
+        ctx.max_consecutive_actor_init_deaths = max(ctx.max_consecutive_actor_init_deaths, 3)
         if len(groups) > 1:
             ds = ds.map_batches(
                 _select_sites,
@@ -341,7 +318,7 @@ def build_dataset(cfg: DataConfig, total_samples: int, shard: Shard = Shard(), p
                 batch_format="numpy",
                 concurrency=(cfg.readers, cfg.max_readers) if cfg.max_readers else cfg.readers,
                 num_cpus=cfg.cpus_per_reader,
-                resources={resource: 0.001} if resource else None,
+                **remote_args(plan.sites[members[0]]),
             )
         )
     return pipelines[0] if len(pipelines) == 1 else pipelines[0].union(*pipelines[1:])
@@ -349,11 +326,6 @@ def build_dataset(cfg: DataConfig, total_samples: int, shard: Shard = Shard(), p
 
 def iter_shard(cfg: DataConfig, plan: Plan, total_samples: int, shard: Shard, batch_size: int, device="auto"):
     """A training worker's batches of its shard (whole batches only), built and run in the worker."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = cfg.preserve_order  # exact resume (see DataConfig)
-    ctx.enable_progress_bars = False  # one bar per worker floods the job log
     ds = build_dataset(cfg, total_samples, shard=shard, plan=plan)
     return ds.iter_torch_batches(
         batch_size=batch_size, drop_last=True, prefetch_batches=cfg.prefetch_batches, device=device

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fmct_ray.cli import add_store_args, sites_from_args
 from fmct_ray.downstream.tune import SweepLaunch
 
 
@@ -12,20 +13,10 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", required=True, help="local folder or s3://bucket/prefix for results")
     p.add_argument("--labels", required=True, help="labels.parquet from jobs/labels.py")
     p.add_argument("--embeddings", help="embeddings Parquet (fast path of the frozen modes)")
-    p.add_argument("--stores", nargs="*", default=[], metavar="SITE=URI", help="site stores (volume path)")
+    add_store_args(p)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, default=0, help="0: as many as resources allow")
-
-
-def parse_stores(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        site, sep, uri = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--stores: {item!r} is not SITE=URI")
-        out[site] = uri
-    return out
 
 
 def launch_from_args(args: argparse.Namespace) -> SweepLaunch:
@@ -34,7 +25,7 @@ def launch_from_args(args: argparse.Namespace) -> SweepLaunch:
         storage_path=args.storage,
         labels=args.labels,
         embeddings=args.embeddings,
-        stores=parse_stores(args.stores),
+        stores={s.name: s.uri for s in sites_from_args(args)},
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent,

@@ -266,10 +266,8 @@ def _fit(tuner) -> pd.DataFrame:
 
 def run_finetune_sweep(cfg: FinetuneConfig, launch: SweepLaunch) -> pd.DataFrame:
     """The fine-tuning matrix as one Tune experiment; returns Tune's results table."""
-    import ray
     from ray import tune
 
-    ray.init(ignore_reinit_error=True)
     labels = pd.read_parquet(launch.labels)  # once: the sites and the feasibility of each K-shot run
     runs = feasible_runs(finetune_runs(cfg, _sites(cfg, labels)), labels)
     return _fit(build_tuner(cfg, launch, {"run": tune.grid_search(runs)}, "finetune"))
@@ -277,10 +275,8 @@ def run_finetune_sweep(cfg: FinetuneConfig, launch: SweepLaunch) -> pd.DataFrame
 
 def run_scratch_sweep(cfg: FinetuneConfig, launch: SweepLaunch) -> pd.DataFrame:
     """The scratch baseline per task and site: the full grid, or Optuna + ASHA."""
-    import ray
     from ray import tune
 
-    ray.init(ignore_reinit_error=True)
     base = [
         {"kind": "scratch", "task": t, "site": s, "mode": "full", "shots": 0, "seed": 0}
         for t in (cfg.sweep.tasks or (cfg.task,))

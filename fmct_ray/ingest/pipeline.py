@@ -262,20 +262,16 @@ def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> 
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", site):
         raise ValueError(f"site name {site!r}: use letters, digits, '_', '.', '-'")
-    try:
-        secret = site_secret(cfg.secret_env, "ingest runs")
-    except ValueError as err:
-        raise SystemExit(f"ingest: {err}") from None
+    secret = site_secret(cfg.secret_env, "ingest runs")
     start = time.perf_counter()
     store = SiteStore(store_uri, cfg.output_storage)
     store.init(site)
     done = store.committed_ids()
     files = discover(input_uri, cfg.input_storage)
     if not files:
-        raise SystemExit(f"ingest: no files under {input_uri}")
+        raise ValueError(f"no files under {input_uri}")
     in_opts = storage_options(cfg.input_storage) if "://" in input_uri else {}
     out_opts = storage_options(cfg.output_storage) if "://" in store_uri else {}
-    ray.init(ignore_reinit_error=True, log_to_driver=True)
     identify = Identify(secret, cfg, in_opts)
     convert_one = Convert(site, store_uri, cfg, in_opts, out_opts, done, secret)
 

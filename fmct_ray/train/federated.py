@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from fmct_ray import config as config_lib
-from fmct_ray.data.source import Plan, SiteSpec, VolumeReader
+from fmct_ray.data.source import Plan, VolumeReader
 from fmct_ray.objectives import Progress, build_optimizer
-from fmct_ray.sites import _scan_ids, remote_args, run_on_site
+from fmct_ray.sites import SiteSpec, _scan_ids, remote_args, run_on_site
 from fmct_ray.storage import StorageConfig, atomic_write, filesystem, join
 from fmct_ray.train.checkpoint import task_state
 from fmct_ray.train.pretrain import (

@@ -6,9 +6,7 @@ import argparse
 import dataclasses
 import os
 
-from fmct_ray import config as config_lib
-from fmct_ray.cli import load_config, parser
-from fmct_ray.data.source import SiteSpec
+from fmct_ray.cli import add_store_args, load_config, parser, sites_from_args
 from fmct_ray.storage import StorageConfig
 from fmct_ray.train.pretrain import PretrainConfig
 from fmct_ray.train.trainer import LaunchConfig, pretrain
@@ -16,14 +14,7 @@ from fmct_ray.train.trainer import LaunchConfig, pretrain
 
 def job_parser(doc: str) -> argparse.ArgumentParser:
     p = parser(doc)
-    p.add_argument(
-        "--stores",
-        nargs="*",
-        default=[],
-        metavar="[NAME=]URI",
-        help="site stores (local folders or s3:// URIs); credentials from the environment",
-    )
-    p.add_argument("--sites", help="sites file (configs/sites/*.yaml): name, uri, storage, weight, resource")
+    add_store_args(p, sites_file=True)
     p.add_argument("--num-workers", type=int, default=1, help="training workers (min when elastic)")
     p.add_argument("--max-workers", type=int, help="elastic upper bound on training workers")
     p.add_argument("--gpu", "--use-gpu", dest="use_gpu", action="store_true", help="one GPU per worker")
@@ -32,21 +23,6 @@ def job_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="run name; re-submitting the same name resumes")
     p.add_argument("--max-failures", type=int, default=3)
     return p
-
-
-def sites_from_args(args: argparse.Namespace) -> tuple[SiteSpec, ...]:
-    sites = []
-    for i, item in enumerate(args.stores):
-        name, sep, uri = item.partition("=")
-        sites.append(SiteSpec(name=name if sep else f"site{i}", uri=uri if sep else item))
-    if args.sites:
-        from fmct_ray.sites import load_sites
-
-        try:
-            sites += load_sites(args.sites)
-        except config_lib.ConfigError as err:
-            raise SystemExit(f"sites file: {err}") from err
-    return tuple(sites)
 
 
 def recipe_from_args(args: argparse.Namespace) -> PretrainConfig:
