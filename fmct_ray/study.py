@@ -46,6 +46,8 @@ class StudyConfig:
         pool_scans: labelled few-shot pool ("train" split of the evaluation store).
         test_scans: labelled held-out scans ("test" split).
         prevalence: probability of each finding in the evaluation store.
+        midline_shift: probability of a midline shift, in the corpus and the evaluation store (0:
+            none, the demo's data; add "midline_shift" to `tasks` to probe it).
         objectives: the pretraining objectives to compare with random init.
         dino_recipe, mae_recipe: pretraining recipes (paths relative to the repository).
         overrides: extra `--set` overrides for both recipes (e.g. "train.epochs=2" in tests).
@@ -66,6 +68,7 @@ class StudyConfig:
     pool_scans: int = 140
     test_scans: int = 100
     prevalence: float = 0.5
+    midline_shift: float = 0.0
     objectives: tuple[str, ...] = ("dino", "mae")
     dino_recipe: str = "configs/pretrain/cpu_dino_tiny.yaml"
     mae_recipe: str = "configs/pretrain/cpu_mae_tiny.yaml"
@@ -95,13 +98,21 @@ def stage_data(cfg: StudyConfig, out: Path, log=echo) -> None:
     stores = out / "stores"
     if not (stores / "corpus" / "manifest.parquet").exists():
         log(f"== study data: {cfg.corpus_scans} unlabelled pretraining scans")
-        write_store(str(stores / "corpus"), cfg.corpus_scans, site="corpus", seed=1, log=log)
+        corpus = str(stores / "corpus")
+        write_store(corpus, cfg.corpus_scans, site="corpus", seed=1, log=log, midline_shift=cfg.midline_shift)
     if not (out / "labels.parquet").exists():
         n = cfg.pool_scans + cfg.test_scans
         log(f"== study data: {n} labelled scans ({cfg.pool_scans} few-shot pool, {cfg.test_scans} test)")
         splits = ("train",) * cfg.pool_scans + ("test",) * cfg.test_scans  # pool first, then test
         rows = write_store(
-            str(stores / "eval"), n, site="eval", seed=2, prevalence=cfg.prevalence, splits=splits, log=log
+            str(stores / "eval"),
+            n,
+            site="eval",
+            seed=2,
+            prevalence=cfg.prevalence,
+            splits=splits,
+            log=log,
+            midline_shift=cfg.midline_shift,
         )
         rows.to_parquet(out / "labels.parquet")
 
@@ -109,7 +120,7 @@ def stage_data(cfg: StudyConfig, out: Path, log=echo) -> None:
 # -- pretraining -------------------------------------------------------------------------------
 def pretrain_run(cfg: StudyConfig, out: Path, objective: str) -> Path:
     """Pretrain with the recipe through Ray Train; returns the exported backbone."""
-    from fmct_ray.data.source import SiteSpec
+    from fmct_ray.sites import SiteSpec
     from fmct_ray.train.pretrain import PretrainConfig
     from fmct_ray.train.trainer import LaunchConfig, pretrain
 

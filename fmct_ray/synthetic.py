@@ -9,7 +9,10 @@ Findings (`Findings`) are planted with graded difficulty:
 - hydrocephalus: ventricles enlarged 1.5-2.4x (a normal head varies 0.8-1.2x);
 - hemorrhage: 1-3 hyperdense blobs in one hemisphere, radius 3-12 mm, 50-85 HU (grey matter is
   about 38 HU), so small low-contrast ones are hard; its side is a label of its own
-  (`hemorrhage_left`: positive only for a left-sided bleed, so a side-blind detector fails it).
+  (`hemorrhage_left`: positive only for a left-sided bleed, so a side-blind detector fails it);
+- midline shift (when asked for: `midline_shift` prevalence): an extra-axial hematoma (55-80 HU)
+  over one hemisphere's convexity, 5-17 mm thick, pushing the midline structures (the ventricles)
+  3-10 mm to the other side (`midline_shift_mm`, the continuous target behind the label).
 
 Coordinates are RAS millimetres (axis 0 points to the patient's right, so the left hemisphere is at
 negative x relative to the head's midline). Everything is a function of a numpy Generator.
@@ -25,6 +28,7 @@ Uses:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-FINDINGS = ("hemorrhage", "hydrocephalus", "hemorrhage_left")
+FINDINGS = ("hemorrhage", "hydrocephalus", "hemorrhage_left", "midline_shift")
 ROOT = Path(__file__).resolve().parents[1]
 AIR = -1000.0
 
@@ -66,12 +70,16 @@ class Lesion:
 class Findings:
     hydrocephalus: float = 0.0  # ventricle enlargement factor on top of the anatomy (0: none)
     lesions: tuple[Lesion, ...] = field(default_factory=tuple)
+    shift_mm: float = 0.0  # midline shift away from an extra-axial hematoma (0: none)
+    shift_side: float = 1.0  # +1: the hematoma over the right hemisphere (shift to the left)
+    hematoma_hu: float = 65.0
 
     def labels(self) -> dict[str, bool]:
         return {
             "hemorrhage": bool(self.lesions),
             "hydrocephalus": self.hydrocephalus > 0,
             "hemorrhage_left": any(les.centre[0] < 0 for les in self.lesions),
+            "midline_shift": self.shift_mm > 0,
         }
 
 
@@ -105,6 +113,18 @@ def draw_findings(
             centre = rng.uniform([0.15, -0.5, -0.35], [0.55, 0.5, 0.45]) * r * [side, 1, 1]
             lesions.append(Lesion(tuple(float(c) for c in centre), radius * float(rng.uniform(0.7, 1)), hu))
     return Findings(float(rng.uniform(1.5, 2.4)) if hydrocephalus else 0.0, tuple(lesions))
+
+
+def draw_shift(rng: np.random.Generator, findings: Findings, prevalence: float) -> Findings:
+    """A midline shift of 3-10 mm (with probability `prevalence`) on top of `findings`."""
+    if rng.random() >= prevalence:
+        return findings
+    return dataclasses.replace(
+        findings,
+        shift_mm=float(rng.uniform(3, 10)),
+        shift_side=float(rng.choice([-1.0, 1.0])),
+        hematoma_hu=float(rng.uniform(55, 80)),
+    )
 
 
 def _smooth_field(rng: np.random.Generator, shape: Sequence[int], cells: int = 12) -> np.ndarray:
@@ -153,10 +173,16 @@ def synthetic_head(
         sl = tuple(slice(i[0], i[-1] + 1) if len(i) else slice(0, 0) for i in idx)
         return sl, x[sl[0], sl[1], :], y[sl[0], sl[1], :], z[:, :, sl[2]]
 
+    if findings.shift_mm:  # the hematoma: a crescent under the inner skull, thickest laterally
+        side, thick = findings.shift_side, findings.shift_mm / 0.6
+        lateral = np.clip(side * x / a[0], 0, None) * (z > -0.4 * a[2])
+        hu[brain & (r > inner - 0.03 - thick * lateral / min(a))] = findings.hematoma_hu
     vs = anatomy.ventricle_scale * (findings.hydrocephalus or 1.0)
+    mid = -findings.shift_side * findings.shift_mm  # the midline structures, pushed away from it
     for side in (-1, 1):  # two lateral ventricles either side of the midline
-        sl, xs, ys, zs = region((side * 5 * vs, 0.0, 8.0), 23 * vs)
-        vr = ((xs - side * 5 * vs) / (5 * vs)) ** 2 + (ys / (22 * vs)) ** 2 + ((zs - 8) / (10 * vs)) ** 2
+        cx = mid + side * 5 * vs
+        sl, xs, ys, zs = region((cx, 0.0, 8.0), 23 * vs)
+        vr = ((xs - cx) / (5 * vs)) ** 2 + (ys / (22 * vs)) ** 2 + ((zs - 8) / (10 * vs)) ** 2
         hu[sl][brain[sl] & (vr < 1)] = 6.0
     for les in findings.lesions:
         sl, xs, ys, zs = region(les.centre, les.radius)
@@ -180,6 +206,7 @@ class Scan:
             **self.findings.labels(),
             "ventricle_scale": self.anatomy.ventricle_scale * (self.findings.hydrocephalus or 1.0),
             "lesion_ml": float(lesion_ml),
+            "midline_shift_mm": self.findings.shift_mm,
             "noise_hu": self.anatomy.noise_hu,
             "skull_hu": self.anatomy.skull_hu,
         }
@@ -190,14 +217,20 @@ def synthetic_scan(
     prevalence: float = 0.4,
     shape: Sequence[int] = (224, 224, 224),
     vary: bool = True,
+    midline_shift: float = 0.0,
     **kw,
 ) -> Scan:
-    """A random head whose findings are each present with probability `prevalence`. `vary=False`
-    keeps one normal anatomy for every scan (only the findings and the noise differ): the easy
-    data of tests that check a pipeline can learn at all."""
+    """A random head whose findings are each present with probability `prevalence` (a midline
+    shift with probability `midline_shift`). `vary=False` keeps one normal anatomy for every scan
+    (only the findings and the noise differ): the easy data of tests that check a pipeline can
+    learn at all. The shift is drawn from a child stream of `rng`, so a head without one is the
+    head the same `rng` gives with `midline_shift=0`."""
+    shift_rng = rng.spawn(1)[0] if midline_shift else None
     anatomy = draw_anatomy(rng) if vary else Anatomy()
     hemorrhage, hydrocephalus = (bool(v) for v in rng.random(2) < prevalence)
     findings = draw_findings(rng, anatomy, hemorrhage, hydrocephalus)
+    if shift_rng is not None:
+        findings = draw_shift(shift_rng, findings, midline_shift)
     return Scan(synthetic_head(rng, shape, anatomy=anatomy, findings=findings, **kw), anatomy, findings)
 
 
@@ -215,18 +248,20 @@ def write_store(
     prevalence: float = 0.4,
     log: Callable[[str], None] | None = None,
     threads: int | None = None,
+    midline_shift: float = 0.0,
 ) -> pd.DataFrame:
     """Write `n` synthetic 224^3 heads straight into a site store (scan ids `<site>-0000`..., the
     stored frame, no ingest) with a manifest; returns one row per scan: scan_id, patient_id, split
     and `Scan.record()` (labels and their continuous facts). Scan `i` depends on (seed, i) only, so
-    `threads` (default: one per core, at most 4) changes nothing but the speed."""
+    `threads` (default: one per core, at most 4) changes nothing but the speed. `midline_shift`:
+    the prevalence of that finding (`synthetic_scan`)."""
     from fmct_ray.ingest.store import SiteStore, StoreConfig, checksum
 
     store = SiteStore(uri, storage)
     store.init(site)
 
     def make(i: int) -> tuple[dict, np.ndarray]:
-        scan = synthetic_scan(np.random.default_rng([seed, i]), prevalence)
+        scan = synthetic_scan(np.random.default_rng([seed, i]), prevalence, midline_shift=midline_shift)
         return scan.record(), to_int16(scan.volume)
 
     # heads are drawn in threads (numpy and torch release the GIL), a few at a time so that memory
