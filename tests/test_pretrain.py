@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fmct_ray import config as C
-from fmct_ray.data.source import Shard, fold_consumed
+from fmct_ray.data.source import Shard, fold_consumed, skip_from_runs, skip_runs
 from fmct_ray.models import load_backbone
 from fmct_ray.objectives import Progress, entropies, scaled_lr
 from fmct_ray.synthetic import write_store
@@ -287,6 +287,15 @@ def test_shards_cover_each_step_exactly_at_any_world_size():
     assert seen == list(range(14)) and Shard(8, 0, 1, 2).rows(15) == 6
 
 
+def test_the_data_position_is_stored_as_runs():
+    """A resume position of a million skipped samples in a few runs stores as those runs."""
+    skip = (*range(10, 500_000), *range(600_000, 1_100_010), 2_000_000)
+    runs = skip_runs(skip)
+    assert runs == [[10, 499_990], [600_000, 500_010], [2_000_000, 1]]
+    assert skip_from_runs(runs) == skip and skip_runs(()) == [] and skip_from_runs([]) == ()
+    assert len(json.dumps(runs)) < 100
+
+
 def test_a_resume_after_unordered_reads_trains_on_every_sample_once():
     """Without preserve_order the steps before a stop train on samples spread over the shard; the
     resume position (start + skip) leaves exactly those out, at any world size."""
@@ -475,10 +484,10 @@ def test_two_worker_unordered_stop_and_resume_trains_on_every_sample_once(ray2, 
     fast = ("data.preserve_order=false", "data.readers=2")
     part = fit(recipe(DINO, store, "train.stop_after=2", *fast), tmp_path, "unordered", workers=2)
     state = json.loads((Path(part.checkpoint.path) / "state.json").read_text())
-    assert state["samples"] == 8 and len(state["skip"]) < 8
+    assert state["samples"] == 8 and len(skip_from_runs(state["skip_runs"])) < 8
     resumed = fit(recipe(DINO, store, *fast), tmp_path, "unordered", workers=2)
     state = json.loads((Path(resumed.checkpoint.path) / "state.json").read_text())
-    assert (state["step"], state["samples"], state["skip"]) == (4, 16, [])
+    assert (state["step"], state["samples"], state["skip_runs"]) == (4, 16, [])
 
 
 @pytest.mark.slow  # three Ray Train runs, about 2 minutes

@@ -31,6 +31,7 @@ the resumed run is also identical to an uninterrupted one step for step.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -194,6 +195,22 @@ def fold_consumed(start: int, skip: tuple[int, ...], consumed) -> tuple[int, tup
         raise RuntimeError(f"a sample was trained on twice (resume position {start}, {len(skip)} skipped)")
     prefix = int(np.sum(done == start + np.arange(len(done))))  # consecutive from `start`
     return start + prefix, tuple(int(i) for i in done[prefix:])
+
+
+def skip_runs(skip: Sequence[int]) -> list[list[int]]:
+    """Sorted samples `skip` as `[first, count]` runs of consecutive ones: how a checkpoint stores
+    them. Ray Data hands each reader long runs of consecutive rows, so what was trained on ahead
+    of the first gap comes in a few long runs (a few dozen bytes, not one number per sample)."""
+    s = np.asarray(skip, np.int64)
+    if not len(s):
+        return []
+    cuts = np.flatnonzero(np.diff(s) != 1) + 1
+    firsts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(s)]])
+    return [[int(s[a]), int(b - a)] for a, b in zip(firsts, ends, strict=True)]
+
+
+def skip_from_runs(runs: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    return tuple(i for first, count in runs for i in range(int(first), int(first) + int(count)))
 
 
 class VolumeReader:

@@ -6,8 +6,8 @@ A checkpoint is one folder that every rank reports through `ray.train.report(...
     task.pt            task state dict (student, EMA teacher, DINO/iBOT centres); rank 0
     optimizer.pt       AdamW state; rank 0
     state.json         step, epoch, planned samples (and steps at this world size), and the data
-                       position: samples consumed and `skip`, the consumed samples above the first
-                       one not yet consumed; rank 0
+                       position: samples consumed and `skip_runs`, the consumed samples above
+                       the first one not yet consumed as [first, count] runs; rank 0
     config.yaml        the resolved PretrainConfig; rank 0
     metrics.csv        every metrics row of the run so far; rank 0
     rng_rank<r>.pt     torch / numpy / python RNG states of rank r; every rank

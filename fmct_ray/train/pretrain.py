@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from fmct_ray.data.augment import AugmentConfig, GPUAugment
-from fmct_ray.data.source import DataConfig, Shard, fold_consumed, iter_shard
+from fmct_ray.data.source import DataConfig, Shard, fold_consumed, iter_shard, skip_from_runs, skip_runs
 from fmct_ray.objectives import (
     DINOConfig,
     DINOTask,
@@ -350,7 +350,7 @@ def open_run_log(loop: Loop, resume_step: int, history: Path | None) -> RunLog |
 def data_position(state: dict) -> tuple[int, tuple[int, ...]]:
     """(start, skip) of a checkpoint's state: the samples below `start` and those in `skip` are
     trained on (`fold_consumed`); `samples` counts both."""
-    skip = tuple(state.get("skip", ()))
+    skip = skip_from_runs(state.get("skip_runs", ())) or tuple(state.get("skip", ()))  # or older checkpoints
     return state["samples"] - len(skip), skip
 
 
@@ -373,7 +373,7 @@ def report(loop: Loop, row: dict, state: dict, final: bool) -> None:
             world=loop.world,
             extra=extra,
         )
-        metrics = {**row, **{k: v for k, v in state.items() if k != "skip"}}  # skip: in state.json
+        metrics = {**row, **{k: v for k, v in state.items() if k != "skip_runs"}}  # in state.json only
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -486,7 +486,7 @@ def run_steps(loop: Loop, groups, timer: StepTimer, state: dict, stop_total: tup
         if step % cfg.train.checkpoint_every == 0 or step == stop:
             position = fold_consumed(*position, all_ranks(torch.cat(consumed)))
             consumed.clear()
-            new_state["skip"] = list(position[1])
+            new_state["skip_runs"] = skip_runs(position[1])
             report(loop, row if logged else {}, new_state, final=step == total)
     if loop.log is not None:
         loop.log.close()
