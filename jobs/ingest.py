@@ -9,7 +9,7 @@ import json
 import ray
 
 from fmct_ray.cli import load_config, parser
-from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
+from fmct_ray.ingest.pipeline import IngestConfig, StorageError, run_ingest
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     ray.init(log_to_driver=True)  # the cluster of `ray job submit`, or a local one
     try:
         summary = run_ingest(args.site, args.input, args.output, cfg)
-    except ValueError as err:  # bad input or settings: the message names them
+    except (ValueError, StorageError) as err:  # bad settings, or storage that failed: named
         raise SystemExit(f"ingest: {err}") from None
     print("ingest summary:", json.dumps(summary, indent=1))
 

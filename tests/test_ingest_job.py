@@ -18,7 +18,7 @@ import pytest
 from fmct_ray import config as config_lib
 from fmct_ray.eval.labels import LabelConfig, make_labels
 from fmct_ray.ingest import SiteStore, load_volume
-from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
+from fmct_ray.ingest.pipeline import IngestConfig, StorageError, run_ingest
 from fmct_ray.ingest.privacy import date_shift_days, pseudonym
 from fmct_ray.ingest.store import checksum
 from fmct_ray.synthetic import synthetic_head, write_site
@@ -129,6 +129,30 @@ def test_store_of_another_site_is_refused(tmp_path, ray_local, site_secret):
     run_ingest("site_a", str(raw), str(tmp_path / "store"), IngestConfig())
     with pytest.raises(ValueError, match="belongs to site 'site_a'"):
         run_ingest("site_b", str(raw), str(tmp_path / "store"), IngestConfig())
+
+
+def test_a_failing_store_stops_the_job_and_quarantines_no_good_scan(tmp_path, ray_local, site_secret):
+    """A store that cannot be written (here: a file where a new volume's folder must go) stops the
+    job with an error naming the store; what was committed stays, and a re-run does the rest."""
+    raw, store_uri = tmp_path / "raw", str(tmp_path / "store")
+    write_site(raw / "first", n=2, seed=11)
+    cfg = IngestConfig(storage_retries=1)
+    assert run_ingest("site_a", str(raw), store_uri, cfg)["written"] == 2
+    committed = SiteStore(store_uri).committed_ids()
+    write_site(raw / "second", n=2, seed=12)
+    new = sorted(p.relative_to(raw).as_posix() for p in (raw / "second").rglob("*.nii.gz"))
+    blocked = pseudonym(site_secret.encode(), "scan", f"nifti:{new[0]}")
+    (tmp_path / "store" / "volumes" / blocked).write_text("in the way")
+    with pytest.raises(StorageError, match=f"store {store_uri}: .*after 2 attempts"):
+        run_ingest("site_a", str(raw), store_uri, cfg)
+    store = SiteStore(store_uri)
+    assert committed <= store.committed_ids() and blocked not in store.committed_ids()
+    assert not store.fs.exists(f"{store.root}/quarantine.parquet") or store.quarantine().empty
+    check_store(store_uri, len(store.committed_ids()))  # intact volumes, consolidated manifest
+    (tmp_path / "store" / "volumes" / blocked).unlink()
+    again = run_ingest("site_a", str(raw), store_uri, cfg)
+    assert again["quarantined"] == 0 and again["written"] + again["skipped"] == 4
+    check_store(store_uri, 4)
 
 
 def test_missing_secret_is_a_clear_error(tmp_path, monkeypatch):

@@ -10,11 +10,16 @@
 Identity fields of DICOM headers never leave `identify`/`convert`: only keyed hashes (HMAC-SHA256
 with a per-site secret) travel through Ray and reach the store, and the scan time is stored only
 date-shifted per patient (`fmct_ray.ingest.privacy`). Failures of one input become a
-quarantine row with the input path and the reason; the job goes on.
+quarantine row with the input path and the reason; the job goes on. Failures of storage (reading
+an input's bytes, writing or committing to the store) are retried with backoff, then stop the job
+with a `StorageError` naming the store and the cause: an unwritable store, refused credentials, a
+full disk or an outage must not quarantine good scans. What was committed stays; a re-run skips it.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -54,6 +59,8 @@ class IngestConfig:
         split_seed: salt of the patient -> split assignment.
         split_fractions: train / val / test fractions, by patient.
         num_cpus_per_scan: CPUs reserved by each conversion task.
+        storage_retries: retries (exponential backoff from 0.5 s) of a failed read of an input
+            or write to the store before the job stops with a `StorageError`.
         date_shift_days: scan times are stored moved by a per-patient whole number of days in
             [-date_shift_days, date_shift_days] (never 0), keyed with the site secret; 0 stores
             the real times (only for data cleared to keep dates).
@@ -69,6 +76,7 @@ class IngestConfig:
     split_seed: str = "fmct-split-v1"
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     num_cpus_per_scan: float = 1.0
+    storage_retries: int = 3
     date_shift_days: int = 365
 
     def __post_init__(self) -> None:
@@ -135,14 +143,51 @@ class Identify:
             match = re.search(self.cfg.patient_id_pattern, rel) if self.cfg.patient_id_pattern else None
             patient = match.group(1) if match else re.sub(r"\.nii(\.gz)?$", "", rel, flags=re.I)
             return f"nifti:{rel}", patient, ""
+        blob = with_retries(lambda: read_bytes(path, self.options), f"input {path}", self.cfg.storage_retries)
         try:
-            header = read_dicom_header(read_bytes(path, self.options), path)
+            header = read_dicom_header(blob, path)
         except QuarantineError as err:
             return f"bad:{rel}", f"bad:{rel}", err.reason
         except Exception as err:  # noqa: BLE001 - any unreadable file is quarantined, not fatal
             return f"bad:{rel}", f"bad:{rel}", f"unreadable: {type(err).__name__}"
         series = header["series_key"]
         return f"dicom:{series}", header.get("patient_key") or f"series:{series}", ""
+
+
+class StorageError(RuntimeError):
+    """Reading an input or writing the store failed for a reason that is not the scan's: the job
+    stops (what was committed stays; a re-run does the rest) instead of quarantining good scans."""
+
+
+def with_retries(fn, what: str, retries: int, backoff_s: float = 0.5):
+    """`fn()`, retrying storage errors up to `retries` times with exponential backoff; then (or
+    at once for a permission error, a full disk or a missing file) `StorageError` naming `what`."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except QuarantineError:
+            raise
+        except Exception as err:  # noqa: BLE001 - s3fs, botocore, aiohttp and OS errors alike
+            permanent = isinstance(err, PermissionError | FileNotFoundError | NotADirectoryError) or (
+                isinstance(err, OSError) and err.errno == errno.ENOSPC
+            )
+            if permanent or attempt == retries:
+                tries = f" after {attempt + 1} attempts" if attempt else ""
+                raise StorageError(f"{what}: {type(err).__name__}: {err}{tries}") from err
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def storage_cause(err: BaseException | None, depth: int = 0) -> StorageError | None:
+    """The `StorageError` behind `err` (Ray wraps task errors in its own, with the cause chained)."""
+    if err is None or depth > 10:
+        return None
+    if isinstance(err, StorageError):
+        return err
+    for nxt in (getattr(err, "cause", None), err.__cause__, err.__context__):
+        if isinstance(nxt, BaseException) and nxt is not err and (found := storage_cause(nxt, depth + 1)):
+            return found
+    return None
 
 
 def read_bytes(path: str, options: dict[str, Any]) -> bytes:
@@ -184,8 +229,6 @@ class Convert:
                 self._ingest(scan_id, str(group["patient_id"][0]), str(group["kind"][0]), paths, group)
             except QuarantineError as err:
                 status, reason = "quarantined", err.reason
-            except Exception as err:  # noqa: BLE001 - one bad scan must not stop the job
-                status, reason = "quarantined", f"conversion failed: {type(err).__name__}: {err}"
         return {
             "scan_id": np.array([scan_id], dtype=object),
             "status": np.array([status], dtype=object),
@@ -195,22 +238,35 @@ class Convert:
         }
 
     def _ingest(self, scan_id: str, patient_id: str, kind: str, paths: list[str], group) -> None:
+        """Read (storage: retried, then `StorageError`), convert (any failure is the input's:
+        quarantined), write and commit (storage again)."""
         errors = [e for e in group["error"] if e]
         if errors:
             raise QuarantineError(str(errors[0]), paths[0])
-        if kind == "nifti":
-            raw = read_nifti(read_bytes(paths[0], self.in_opts), paths[0])
-        else:
-            files = [(p, read_bytes(p, self.in_opts)) for p in paths]
-            raw = read_dicom_series(files, max_gap_factor=self.cfg.quality.max_gap_factor)
-        check_header(raw.meta, self.cfg.quality)
-        check_intensities(raw.array, self.cfg.quality)
-        volume, affine = convert(raw, self.cfg.preprocess)
+        retries = self.cfg.storage_retries
+        blobs = [with_retries(lambda p=p: read_bytes(p, self.in_opts), f"input {p}", retries) for p in paths]
+        try:
+            if kind == "nifti":
+                raw = read_nifti(blobs[0], paths[0])
+            else:
+                raw = read_dicom_series(
+                    list(zip(paths, blobs, strict=True)), max_gap_factor=self.cfg.quality.max_gap_factor
+                )
+            check_header(raw.meta, self.cfg.quality)
+            check_intensities(raw.array, self.cfg.quality)
+            volume, affine = convert(raw, self.cfg.preprocess)
+        except QuarantineError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever a bad input makes the readers raise
+            raise QuarantineError(f"conversion failed: {type(err).__name__}: {err}", paths[0]) from err
         store = SiteStore(self.store_uri, options=self.out_opts)
-        digest = store.write_volume(scan_id, volume, affine, self.cfg.store)
+        where = f"store {self.store_uri}"
+        write = functools.partial(store.write_volume, scan_id, volume, affine, self.cfg.store)
+        digest = with_retries(write, where, retries)
         shifted = shift_time(raw.acquired, self.secret, patient_id, self.cfg.date_shift_days)
         row = manifest_row(scan_id, patient_id, self.site, kind, raw.meta, volume, digest, self.cfg)
-        store.commit({**row, **time_fields(shifted, self.secret, self.cfg.date_shift_days)})
+        row = {**row, **time_fields(shifted, self.secret, self.cfg.date_shift_days)}
+        with_retries(lambda: store.commit(row), where, retries)
 
 
 def manifest_row(
@@ -287,7 +343,14 @@ def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> 
         .groupby("scan_id", num_partitions=max(1, min(len(files) // 8, 200)))
         .map_groups(convert_scan, num_cpus=cfg.num_cpus_per_scan, batch_format="numpy")
     )
-    results = list(ds.iter_rows())
+    try:
+        results = list(ds.iter_rows())
+    except Exception as err:  # Ray wraps a task's StorageError; the job gets it plain
+        cause = storage_cause(err)
+        if cause is None:
+            raise
+        store.consolidate()  # what was committed before the failure is in the manifest
+        raise StorageError(str(cause)) from None
     manifest = store.consolidate()
     quarantined = [
         {"path": r["path"], "reason": r["reason"]} for r in results if r["status"] == "quarantined"
