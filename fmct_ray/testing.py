@@ -32,9 +32,17 @@ S3_ENV = {
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports: all are held open while the others are picked (ports
+    asked for one at a time can repeat, and Ray refuses a port given to two of its components)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -92,8 +100,8 @@ class RayCluster:
     def __init__(self, num_cpus: int = 2, resources: str | None = None) -> None:
         self.num_cpus = num_cpus
         self.resources = resources
-        self.port = free_port()
-        self.dashboard_port = free_port()
+        # every port of the head at once: distinct (see free_ports)
+        self.port, self.dashboard_port, *self.component_ports = free_ports(7)
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.tmp = tempfile.mkdtemp(prefix="ray_")
@@ -125,13 +133,17 @@ class RayCluster:
             "--disable-usage-stats",
             # fixed default ports would clash with any other Ray on the machine (tests, demo)
             *(
-                f"--{name}={free_port()}"
-                for name in (
-                    "dashboard-agent-listen-port",
-                    "dashboard-agent-grpc-port",
-                    "runtime-env-agent-port",
-                    "metrics-export-port",
-                    "ray-client-server-port",
+                f"--{name}={port}"
+                for name, port in zip(
+                    (
+                        "dashboard-agent-listen-port",
+                        "dashboard-agent-grpc-port",
+                        "runtime-env-agent-port",
+                        "metrics-export-port",
+                        "ray-client-server-port",
+                    ),
+                    self.component_ports,
+                    strict=True,
                 )
             ),
         ]

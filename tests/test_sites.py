@@ -28,7 +28,7 @@ from fmct_ray.sites import (
 )
 from fmct_ray.storage import StorageConfig
 from fmct_ray.synthetic import write_store
-from fmct_ray.testing import RayCluster, free_port, kill_processes_under
+from fmct_ray.testing import RayCluster, free_ports, kill_processes_under
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -244,14 +244,18 @@ def start_worker_node(head: RayCluster, tmp: str, resources: dict, tag: str) -> 
         f"--temp-dir={tmp}",
         "--disable-usage-stats",
         *(
-            f"--{name}={free_port()}"
-            for name in (
-                "node-manager-port",
-                "object-manager-port",
-                "dashboard-agent-listen-port",
-                "dashboard-agent-grpc-port",
-                "runtime-env-agent-port",
-                "metrics-export-port",
+            f"--{name}={port}"
+            for name, port in zip(
+                (
+                    "node-manager-port",
+                    "object-manager-port",
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                ),
+                free_ports(6),  # distinct: Ray refuses a port given to two components
+                strict=True,
             )
         ),
     ]
