@@ -121,6 +121,8 @@ def test_ingest_synthetic_and_bad_inputs_then_rerun_skips(tmp_path, ray_local, s
     assert len(list((tmp_path / "store" / "runs").iterdir())) == 2
     saved = next((tmp_path / "store" / "runs").iterdir()) / "config.yaml"
     assert config_lib.load(IngestConfig, saved) == cfg
+    for run in (tmp_path / "store" / "runs").iterdir():  # each run keeps its own quarantine
+        assert sorted(pd.read_csv(run / "quarantine.csv")["path"]) == sorted(quarantine["path"])
 
 
 def test_store_of_another_site_is_refused(tmp_path, ray_local, site_secret):

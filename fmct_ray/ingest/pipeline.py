@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from fmct_ray import config as config_lib
 from fmct_ray.ingest.geometry import PreprocessConfig, convert
@@ -370,4 +371,8 @@ def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> 
     run_dir = f"runs/{summary['finished_at'].replace(':', '')}"
     store.write_text(f"{run_dir}/config.yaml", config_lib.dump(cfg))
     store.write_text(f"{run_dir}/summary.json", json.dumps(summary, indent=1))
+    # this run's quarantine, kept (quarantine.parquet at the root is the latest run's)
+    store.write_text(
+        f"{run_dir}/quarantine.csv", pd.DataFrame(quarantined, columns=["path", "reason"]).to_csv(index=False)
+    )
     return summary
