@@ -37,13 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline_fmct import FMCTBaselineDINO, build_cache  # noqa: E402
 
 from fmct_ray import config as config_lib  # noqa: E402
-from fmct_ray.data.source import (  # noqa: E402
-    DataConfig,
-    Shard,
-    SiteSpec,
-    iter_shard,
-    make_plan,
-)
+from fmct_ray.data.sampling import Shard  # noqa: E402
+from fmct_ray.data.source import DataConfig, iter_shard, make_plan  # noqa: E402
+from fmct_ray.sites import SiteSpec  # noqa: E402
 from fmct_ray.storage import StorageConfig  # noqa: E402
 from fmct_ray.synthetic import synthetic_head, to_int16, write_store  # noqa: E402
 from fmct_ray.train.pretrain import PretrainConfig  # noqa: E402

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fmct_ray.data.source import DataConfig, Shard, fold_consumed, make_plan, skip_runs
+from fmct_ray.data.sampling import Shard, fold_consumed, skip_runs
+from fmct_ray.data.source import DataConfig, make_plan
 from fmct_ray.ingest.store import SiteStore
 from fmct_ray.sites import SiteSpec
 

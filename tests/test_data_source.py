@@ -5,15 +5,8 @@ import numpy as np
 import pytest
 
 from fmct_ray.data.crops import MultiCropConfig
-from fmct_ray.data.source import (
-    DataConfig,
-    Shard,
-    VolumeReader,
-    build_dataset,
-    epoch_order,
-    make_plan,
-    site_counts,
-)
+from fmct_ray.data.sampling import Shard, epoch_order, site_counts
+from fmct_ray.data.source import DataConfig, VolumeReader, build_dataset, make_plan
 from fmct_ray.ingest.store import SiteStore
 from fmct_ray.sites import SiteSpec
 from fmct_ray.storage import StorageConfig

@@ -1,5 +1,5 @@
 """models/, objectives/ and eval/ know nothing about Ray or devices (STYLE 1): no `ray`, no `.cuda()`;
-nor does the evaluation-view loader (data/views.py)."""
+nor do the evaluation-view loader (data/views.py) and the sampling of a run (data/sampling.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "fmct_ray"
 FILES = sorted(
     [p for pkg in ("models", "objectives", "eval") for p in (ROOT / pkg).glob("*.py")]
-    + [ROOT / "data" / "views.py"]
+    + [ROOT / "data" / "views.py", ROOT / "data" / "sampling.py"]
 )
 
 

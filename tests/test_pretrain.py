@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fmct_ray import config as C
-from fmct_ray.data.source import Shard, fold_consumed, skip_from_runs, skip_runs
+from fmct_ray.data.sampling import Shard, fold_consumed, skip_from_runs, skip_runs
 from fmct_ray.models import load_backbone
 from fmct_ray.objectives import Progress, entropies, scaled_lr
 from fmct_ray.synthetic import write_store

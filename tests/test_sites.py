@@ -15,7 +15,8 @@ import pytest
 
 from fmct_ray import config as config_lib
 from fmct_ray.data.crops import MultiCropConfig
-from fmct_ray.data.source import DataConfig, Plan, build_dataset
+from fmct_ray.data.sampling import Plan
+from fmct_ray.data.source import DataConfig, build_dataset
 from fmct_ray.ingest.store import SiteStore
 from fmct_ray.sites import (
     SitesConfig,

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from fmct_ray import config as config_lib
-from fmct_ray.data.source import Plan, VolumeReader
+from fmct_ray.data.sampling import Plan
+from fmct_ray.data.source import VolumeReader
 from fmct_ray.objectives import Progress, build_optimizer
 from fmct_ray.sites import SiteSpec, _scan_ids, remote_args, run_on_site
 from fmct_ray.storage import StorageConfig, atomic_write, filesystem, join

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from fmct_ray.data.augment import AugmentConfig, GPUAugment
-from fmct_ray.data.source import DataConfig, Shard, fold_consumed, iter_shard, skip_from_runs, skip_runs
+from fmct_ray.data.sampling import Shard, fold_consumed, skip_from_runs, skip_runs
+from fmct_ray.data.source import DataConfig, iter_shard
 from fmct_ray.objectives import (
     DINOConfig,
     DINOTask,

@@ -3,7 +3,7 @@
 The driver reads the site manifests (ids only), plans the run in samples (epochs x samples per
 epoch, or `max_steps` x the global batch of `max_workers` (elastic) or `num_workers`) and resolves
 epoch-valued settings into samples; each worker then streams its own shard of the run from the
-data position of the checkpoint it resumes from (`fmct_ray.data.source.Shard`) and runs the steps
+data position of the checkpoint it resumes from (`fmct_ray.data.sampling.Shard`) and runs the steps
 that the group's world size needs to reach the planned samples.
 Re-submitting with the same run name and storage path resumes the run.
 """
