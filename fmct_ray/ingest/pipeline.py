@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import os
 import posixpath
@@ -163,7 +164,7 @@ class StorageError(RuntimeError):
 def with_retries(fn, what: str, retries: int, backoff_s: float = 0.5):
     """`fn()`, retrying storage errors up to `retries` times with exponential backoff; then (or
     at once for a permission error, a full disk or a missing file) `StorageError` naming `what`."""
-    for attempt in range(retries + 1):
+    for attempt in itertools.count():
         try:
             return fn()
         except QuarantineError:
@@ -176,7 +177,6 @@ def with_retries(fn, what: str, retries: int, backoff_s: float = 0.5):
                 tries = f" after {attempt + 1} attempts" if attempt else ""
                 raise StorageError(f"{what}: {type(err).__name__}: {err}{tries}") from err
             time.sleep(backoff_s * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 def storage_cause(err: BaseException | None, depth: int = 0) -> StorageError | None:

@@ -127,8 +127,9 @@ def verify(directory: str | Path) -> str | None:
             path = d / name
             if not path.exists():
                 return f"{name} is missing"
-            if path.stat().st_size != want["size"]:
-                return f"{name} has {path.stat().st_size} bytes, its manifest says {want['size']}"
+            size = path.stat().st_size
+            if size != want["size"]:
+                return f"{name} has {size} bytes, its manifest says {want['size']}"
             if file_entry(path)["sha256"] != want["sha256"]:
                 return f"{name} does not match its checksum"
     return None
