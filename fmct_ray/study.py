@@ -34,7 +34,7 @@ from fmct_ray.eval.metrics import auroc, few_shot_summary, paired_permutation_te
 
 ROOT = Path(__file__).resolve().parents[1]
 echo = functools.partial(print, flush=True)  # progress lines reach a redirected log as they happen
-TASKS = ("hydrocephalus", "hemorrhage", "hemorrhage_left")
+TASKS = ("hydrocephalus", "atrophy", "hemorrhage", "hemorrhage_left")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class StudyConfig:
         prevalence: probability of each finding in the evaluation store.
         midline_shift: probability of a midline shift, in the corpus and the evaluation store (0:
             none, the demo's data; add "midline_shift" to `tasks` to probe it).
+        atrophy: probability of atrophy, in the corpus and the evaluation store.
         objectives: the pretraining objectives to compare with random init.
         dino_recipe, mae_recipe: pretraining recipes (paths relative to the repository).
         overrides: extra `--set` overrides for both recipes (e.g. "train.epochs=2" in tests).
@@ -69,6 +70,7 @@ class StudyConfig:
     test_scans: int = 100
     prevalence: float = 0.5
     midline_shift: float = 0.0
+    atrophy: float = 0.4
     objectives: tuple[str, ...] = ("dino", "mae")
     dino_recipe: str = "configs/pretrain/cpu_dino_tiny.yaml"
     mae_recipe: str = "configs/pretrain/cpu_mae_tiny.yaml"
@@ -96,10 +98,11 @@ def stage_data(cfg: StudyConfig, out: Path, log=echo) -> None:
 
     out = data_dir(cfg, out)
     stores = out / "stores"
+    findings = {"midline_shift": cfg.midline_shift, "atrophy": cfg.atrophy}
     if not (stores / "corpus" / "manifest.parquet").exists():
         log(f"== study data: {cfg.corpus_scans} unlabelled pretraining scans")
         corpus = str(stores / "corpus")
-        write_store(corpus, cfg.corpus_scans, site="corpus", seed=1, log=log, midline_shift=cfg.midline_shift)
+        write_store(corpus, cfg.corpus_scans, site="corpus", seed=1, log=log, **findings)
     if not (out / "labels.parquet").exists():
         n = cfg.pool_scans + cfg.test_scans
         log(f"== study data: {n} labelled scans ({cfg.pool_scans} few-shot pool, {cfg.test_scans} test)")
@@ -112,7 +115,7 @@ def stage_data(cfg: StudyConfig, out: Path, log=echo) -> None:
             prevalence=cfg.prevalence,
             splits=splits,
             log=log,
-            midline_shift=cfg.midline_shift,
+            **findings,
         )
         rows.to_parquet(out / "labels.parquet")
 

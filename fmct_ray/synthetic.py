@@ -12,7 +12,11 @@ Findings (`Findings`) are planted with graded difficulty:
   (`hemorrhage_left`: positive only for a left-sided bleed, so a side-blind detector fails it);
 - midline shift (when asked for: `midline_shift` prevalence): an extra-axial hematoma (55-80 HU)
   over one hemisphere's convexity, 5-17 mm thick, pushing the midline structures (the ventricles)
-  3-10 mm to the other side (`midline_shift_mm`, the continuous target behind the label).
+  3-10 mm to the other side (`midline_shift_mm`, the continuous target behind the label);
+- atrophy (when asked for: `atrophy` prevalence; the CT sign behind SPEC's dementia task, ADRD):
+  global volume loss of graded severity 0.25-1, the brain pulled away from the inner skull by a
+  CSF rim of 2-5 mm, widened cortical sulci (CSF in 12-33% of the outer cortex) and ventricles
+  enlarged ex vacuo 1.09-1.35x (`atrophy_severity` is the continuous target).
 
 Coordinates are RAS millimetres (axis 0 points to the patient's right, so the left hemisphere is at
 negative x relative to the head's midline). Everything is a function of a numpy Generator.
@@ -38,9 +42,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-FINDINGS = ("hemorrhage", "hydrocephalus", "hemorrhage_left", "midline_shift")
+FINDINGS = ("hemorrhage", "hydrocephalus", "hemorrhage_left", "midline_shift", "atrophy")
 ROOT = Path(__file__).resolve().parents[1]
 AIR = -1000.0
+CSF = 6.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class Findings:
     shift_mm: float = 0.0  # midline shift away from an extra-axial hematoma (0: none)
     shift_side: float = 1.0  # +1: the hematoma over the right hemisphere (shift to the left)
     hematoma_hu: float = 65.0
+    atrophy: float = 0.0  # severity of global volume loss, 0.25-1 (0: none)
 
     def labels(self) -> dict[str, bool]:
         return {
@@ -80,6 +86,7 @@ class Findings:
             "hydrocephalus": self.hydrocephalus > 0,
             "hemorrhage_left": any(les.centre[0] < 0 for les in self.lesions),
             "midline_shift": self.shift_mm > 0,
+            "atrophy": self.atrophy > 0,
         }
 
 
@@ -127,6 +134,13 @@ def draw_shift(rng: np.random.Generator, findings: Findings, prevalence: float) 
     )
 
 
+def draw_atrophy(rng: np.random.Generator, findings: Findings, prevalence: float) -> Findings:
+    """Atrophy of severity 0.25-1 (with probability `prevalence`) on top of `findings`."""
+    if rng.random() >= prevalence:
+        return findings
+    return dataclasses.replace(findings, atrophy=float(rng.uniform(0.25, 1.0)))
+
+
 def _smooth_field(rng: np.random.Generator, shape: Sequence[int], cells: int = 12) -> np.ndarray:
     """Smooth unit-variance-ish random field: coarse Gaussian noise upsampled trilinearly."""
     import torch
@@ -160,12 +174,18 @@ def synthetic_head(
     a = anatomy.radii
     r = np.sqrt((x / a[0]) ** 2 + (y / a[1]) ** 2 + (z / a[2]) ** 2)  # 1 at the scalp surface
     inner = 1 - anatomy.skull_mm / min(a)  # inner skull surface
-    brain = r < inner - 0.03
+    rim = (1 + 4 * findings.atrophy) / min(a) if findings.atrophy else 0.0  # atrophy's CSF rim
+    brain = r < inner - 0.03 - rim
     hu = np.full(r.shape, AIR, np.float32)
     hu[r < 1.0] = 30.0  # scalp
     hu[(r < 0.97) & ~brain] = anatomy.skull_hu
     hu[brain] = anatomy.grey_hu
     hu[r < 0.75 * inner] = anatomy.white_hu
+    if findings.atrophy:  # the rim, and widened sulci: CSF where a fine random field is high
+        hu[(r < inner - 0.03) & ~brain] = CSF
+        cortex = brain & (r > 0.82 * inner)
+        field_ = _smooth_field(rng, r.shape, cells=24)
+        hu[cortex & (field_ > np.quantile(field_[cortex], 0.92 - 0.25 * findings.atrophy))] = CSF
 
     def region(centre, radius):  # the grid's box around a head-frame point, and its coordinates
         u = (c * centre[0] - s * centre[1], s * centre[0] + c * centre[1], centre[2])  # undo the yaw
@@ -177,13 +197,13 @@ def synthetic_head(
         side, thick = findings.shift_side, findings.shift_mm / 0.6
         lateral = np.clip(side * x / a[0], 0, None) * (z > -0.4 * a[2])
         hu[brain & (r > inner - 0.03 - thick * lateral / min(a))] = findings.hematoma_hu
-    vs = anatomy.ventricle_scale * (findings.hydrocephalus or 1.0)
+    vs = anatomy.ventricle_scale * (findings.hydrocephalus or 1.0) * (1 + 0.35 * findings.atrophy)
     mid = -findings.shift_side * findings.shift_mm  # the midline structures, pushed away from it
     for side in (-1, 1):  # two lateral ventricles either side of the midline
         cx = mid + side * 5 * vs
         sl, xs, ys, zs = region((cx, 0.0, 8.0), 23 * vs)
         vr = ((xs - cx) / (5 * vs)) ** 2 + (ys / (22 * vs)) ** 2 + ((zs - 8) / (10 * vs)) ** 2
-        hu[sl][brain[sl] & (vr < 1)] = 6.0
+        hu[sl][brain[sl] & (vr < 1)] = CSF
     for les in findings.lesions:
         sl, xs, ys, zs = region(les.centre, les.radius)
         d2 = (xs - les.centre[0]) ** 2 + (ys - les.centre[1]) ** 2 + (zs - les.centre[2]) ** 2
@@ -204,9 +224,12 @@ class Scan:
         lesion_ml = sum(4 / 3 * np.pi * les.radius**3 for les in self.findings.lesions) / 1000
         return {
             **self.findings.labels(),
-            "ventricle_scale": self.anatomy.ventricle_scale * (self.findings.hydrocephalus or 1.0),
+            "ventricle_scale": self.anatomy.ventricle_scale
+            * (self.findings.hydrocephalus or 1.0)
+            * (1 + 0.35 * self.findings.atrophy),
             "lesion_ml": float(lesion_ml),
             "midline_shift_mm": self.findings.shift_mm,
+            "atrophy_severity": self.findings.atrophy,
             "noise_hu": self.anatomy.noise_hu,
             "skull_hu": self.anatomy.skull_hu,
         }
@@ -218,19 +241,23 @@ def synthetic_scan(
     shape: Sequence[int] = (224, 224, 224),
     vary: bool = True,
     midline_shift: float = 0.0,
+    atrophy: float = 0.0,
     **kw,
 ) -> Scan:
     """A random head whose findings are each present with probability `prevalence` (a midline
-    shift with probability `midline_shift`). `vary=False` keeps one normal anatomy for every scan
-    (only the findings and the noise differ): the easy data of tests that check a pipeline can
-    learn at all. The shift is drawn from a child stream of `rng`, so a head without one is the
-    head the same `rng` gives with `midline_shift=0`."""
-    shift_rng = rng.spawn(1)[0] if midline_shift else None
+    shift with probability `midline_shift`, atrophy with probability `atrophy`). `vary=False`
+    keeps one normal anatomy for every scan (only the findings and the noise differ): the easy data
+    of tests that check a pipeline can learn at all. Whether a head has a shift or atrophy is drawn
+    from child streams of `rng`, so a head with neither is the head the same `rng` gives without
+    them."""
+    shift_rng, atrophy_rng = rng.spawn(2) if midline_shift or atrophy else (None, None)
     anatomy = draw_anatomy(rng) if vary else Anatomy()
     hemorrhage, hydrocephalus = (bool(v) for v in rng.random(2) < prevalence)
     findings = draw_findings(rng, anatomy, hemorrhage, hydrocephalus)
-    if shift_rng is not None:
+    if midline_shift:
         findings = draw_shift(shift_rng, findings, midline_shift)
+    if atrophy:
+        findings = draw_atrophy(atrophy_rng, findings, atrophy)
     return Scan(synthetic_head(rng, shape, anatomy=anatomy, findings=findings, **kw), anatomy, findings)
 
 
@@ -249,19 +276,21 @@ def write_store(
     log: Callable[[str], None] | None = None,
     threads: int | None = None,
     midline_shift: float = 0.0,
+    atrophy: float = 0.0,
 ) -> pd.DataFrame:
     """Write `n` synthetic 224^3 heads straight into a site store (scan ids `<site>-0000`..., the
     stored frame, no ingest) with a manifest; returns one row per scan: scan_id, patient_id, split
     and `Scan.record()` (labels and their continuous facts). Scan `i` depends on (seed, i) only, so
-    `threads` (default: one per core, at most 4) changes nothing but the speed. `midline_shift`:
-    the prevalence of that finding (`synthetic_scan`)."""
+    `threads` (default: one per core, at most 4) changes nothing but the speed. `midline_shift`,
+    `atrophy`: the prevalence of those findings (`synthetic_scan`)."""
     from fmct_ray.ingest.store import SiteStore, StoreConfig, checksum
 
     store = SiteStore(uri, storage)
     store.init(site)
 
     def make(i: int) -> tuple[dict, np.ndarray]:
-        scan = synthetic_scan(np.random.default_rng([seed, i]), prevalence, midline_shift=midline_shift)
+        rng = np.random.default_rng([seed, i])
+        scan = synthetic_scan(rng, prevalence, midline_shift=midline_shift, atrophy=atrophy)
         return scan.record(), to_int16(scan.volume)
 
     # heads are drawn in threads (numpy and torch release the GIL), a few at a time so that memory
