@@ -27,6 +27,11 @@ class StorageConfig:
         secret_env: name of the environment variable holding the secret access key.
         region: bucket region, when the endpoint needs one.
         anon: anonymous access (public buckets).
+        retries: how often a request that failed for a transient reason (connection refused or
+            dropped, 5xx, throttling, timeouts) is retried, with exponential backoff and jitter,
+            before the read or write fails (training reads: `StorageError` naming the store). 8:
+            about half a minute of obstore's backoff (0.1 s doubling, at most 15 s) and a minute
+            of botocore's (standard mode, at most 20 s apart).
     """
 
     endpoint_url: str | None = None
@@ -35,6 +40,14 @@ class StorageConfig:
     secret_env: str | None = None
     region: str | None = None
     anon: bool = False
+    retries: int = 8
+
+
+class StorageError(RuntimeError):
+    """A store or an input could not be read or written for a reason that is not the data's (an
+    outage that outlasted the retries, refused credentials, a full disk). Ingest stops instead of
+    quarantining good scans; a training reader fails its worker group, which `FailureConfig`
+    restarts from the last checkpoint."""
 
 
 def is_remote(uri: str) -> bool:
@@ -59,6 +72,7 @@ def storage_options(cfg: StorageConfig | None) -> dict[str, Any]:
         opts["client_kwargs"] = {"region_name": cfg.region}
     if cfg.anon:
         opts["anon"] = True
+    opts["config_kwargs"] = {"retries": {"mode": "standard", "max_attempts": cfg.retries + 1}}
     return opts
 
 
@@ -89,10 +103,12 @@ class S3Objects:
 
     Args:
         bucket: the bucket.
-        options: resolved s3fs options (`storage_options`).
+        options: resolved s3fs options (`storage_options`; its botocore retry count is obstore's).
     """
 
     def __init__(self, bucket: str, options: dict[str, Any]) -> None:
+        from datetime import timedelta
+
         from obstore.store import S3Store
 
         endpoint = options.get("endpoint_url")
@@ -114,6 +130,15 @@ class S3Objects:
             config=config,
             client_options={"allow_http": bool(endpoint and endpoint.startswith("http://"))},
             credential_provider=provider,
+            retry_config={
+                "max_retries": options.get("config_kwargs", {}).get("retries", {}).get("max_attempts", 9) - 1,
+                "backoff": {
+                    "init_backoff": timedelta(seconds=0.1),
+                    "max_backoff": timedelta(seconds=15),
+                    "base": 2,
+                },
+                "retry_timeout": timedelta(minutes=10),  # the count bounds it
+            },
         )
 
     def get(self, path: str):

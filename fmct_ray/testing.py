@@ -1,8 +1,9 @@
 """Real local services for tests, demos and benchmarks: an S3 server and a Ray cluster on loopback.
 
 `S3Server` runs moto's server mode (a real S3-compatible HTTP endpoint) on 127.0.0.1;
-`RayCluster` runs `ray start --head` on loopback so that jobs go through `ray job submit` exactly
-as on a real cluster. Both stop what they started.
+`Relay` stands in front of it as the endpoint clients see, and can be taken down and brought back
+(a storage outage; the server keeps its objects); `RayCluster` runs `ray start --head` on loopback
+so that jobs go through `ray job submit` exactly as on a real cluster. Each stops what it started.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -55,12 +58,15 @@ def _wait(predicate, timeout: float, what: str) -> None:
 
 
 class S3Server:
-    """moto_server on 127.0.0.1:<free port>; `endpoint` is its URL."""
+    """moto_server on 127.0.0.1:<free port>; `endpoint` is its URL. `refuse_credentials`: the
+    server checks every request's access key against its own (empty) user list, so every key is
+    refused with 403 InvalidAccessKeyId, as a real endpoint refuses wrong or revoked keys."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse_credentials: bool = False) -> None:
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.server_env = {"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if refuse_credentials else {}
 
     def __enter__(self) -> S3Server:
         exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
@@ -68,11 +74,14 @@ class S3Server:
             [exe, "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env={**os.environ, **self.server_env},
         )
 
         def up() -> bool:
             try:
                 urllib.request.urlopen(self.endpoint, timeout=1)
+                return True
+            except urllib.error.HTTPError:  # it answers (403 when it refuses every key)
                 return True
             except OSError:
                 return False
@@ -92,6 +101,69 @@ class S3Server:
         if self.proc:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of a loopback server: `endpoint` is the URL clients use.
+
+    `down()` stops listening and cuts every open connection (clients see connection refused, as in
+    an outage of the endpoint); `up()` listens again on the same port. The server behind it, and
+    what it holds, is untouched. A context manager: up on entry, closed on exit."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def up(self) -> None:
+        listener = socket.create_server(("127.0.0.1", self.port))
+        listener.settimeout(0.1)
+        self._listener = listener
+        threading.Thread(target=self._serve, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener:
+            listener.close()
+        with self._lock:
+            conns, self._open = self._open, set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def _serve(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open |= {client, server}
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def __enter__(self) -> Relay:
+        self.up()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
 
 
 class RayCluster:

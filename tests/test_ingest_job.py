@@ -2,9 +2,11 @@
 
 import gzip
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -22,7 +24,7 @@ from fmct_ray.ingest.pipeline import IngestConfig, StorageError, run_ingest
 from fmct_ray.ingest.privacy import date_shift_days, pseudonym
 from fmct_ray.ingest.store import checksum
 from fmct_ray.synthetic import synthetic_head, write_site
-from fmct_ray.testing import RayCluster, kill_processes_under
+from fmct_ray.testing import S3_ENV, RayCluster, Relay, S3Server, kill_processes_under
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,6 +157,127 @@ def test_a_failing_store_stops_the_job_and_quarantines_no_good_scan(tmp_path, ra
     again = run_ingest("site_a", str(raw), store_uri, cfg)
     assert again["quarantined"] == 0 and again["written"] + again["skipped"] == 4
     check_store(store_uri, 4)
+
+
+def _to_s3(endpoint: str, retries: int, client_retries: int = 8) -> IngestConfig:
+    """Ingest into S3 at `endpoint`: `retries` of ingest's own, `client_retries` of botocore's."""
+    keys = ["key_env=AWS_ACCESS_KEY_ID", "secret_env=AWS_SECRET_ACCESS_KEY", f"endpoint_url={endpoint}"]
+    keys.append(f"retries={client_retries}")
+    return config_lib.load(
+        IngestConfig, None, [f"output_storage.{k}" for k in keys] + [f"storage_retries={retries}"]
+    )
+
+
+def _outage_after_first_commit(fs, store: str, relay: Relay, seconds: float | None) -> threading.Thread:
+    """Takes `relay` down as soon as the first scan of `store` is committed, for `seconds` (None:
+    until the test brings it back)."""
+
+    def committed() -> bool:
+        try:
+            return any(p.endswith(".json") for p in fs.ls(f"{store}/_rows", refresh=True))
+        except FileNotFoundError:
+            return False
+
+    def cut():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not committed():
+            time.sleep(0.05)
+        relay.down()
+        if seconds is not None:
+            time.sleep(seconds)
+            relay.up()
+
+    thread = threading.Thread(target=cut, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("outage_s", [2.0, None])
+def test_an_s3_outage_mid_ingest_is_ridden_out_or_stops_the_job(
+    tmp_path, s3, ray_local, site_secret, outage_s
+):
+    """The S3 endpoint goes away after the first scan is committed (a relay in front of the server
+    stops listening and cuts its connections). A short outage is ridden out by the retries and
+    the run completes; one that outlasts them stops the job with an error naming the store, keeps
+    what was committed, quarantines nothing, and a re-run once the endpoint is back does the rest."""
+    fs = s3.filesystem()
+    bucket = f"outage-{'short' if outage_s else 'long'}"
+    fs.mkdir(bucket)
+    write_site(tmp_path / "raw", n=4, seed=21)
+    uri = f"s3://{bucket}/site"
+    with Relay(s3.port) as relay:
+        cut = _outage_after_first_commit(fs, f"{bucket}/site", relay, outage_s)
+        # the long outage outlasts the retries: few of them, so that the test is quick
+        cfg = _to_s3(relay.endpoint, retries=3) if outage_s else _to_s3(relay.endpoint, 1, client_retries=0)
+        if outage_s:
+            summary = run_ingest("site_a", str(tmp_path / "raw"), uri, cfg)
+            assert (summary["written"], summary["quarantined"]) == (4, 0)
+        else:
+            with pytest.raises(StorageError, match=f"store {uri}: "):
+                run_ingest("site_a", str(tmp_path / "raw"), uri, cfg)
+            cut.join(5)
+            store = SiteStore(uri)
+            committed = store.committed_ids()
+            assert 1 <= len(committed) < 4 and not fs.exists(f"{bucket}/site/quarantine.parquet")
+            relay.up()
+            again = run_ingest("site_a", str(tmp_path / "raw"), uri, cfg)
+            assert (again["skipped"], again["written"], again["quarantined"]) == (
+                len(committed),
+                4 - len(committed),
+                0,
+            )
+    check_store(uri, 4)  # every scan once, intact
+
+
+def test_refused_credentials_stop_the_job_with_an_error_naming_the_store(tmp_path, site_secret, monkeypatch):
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    write_site(tmp_path / "raw", n=1, seed=22)
+    with S3Server(refuse_credentials=True) as server:
+        cfg = _to_s3(server.endpoint, retries=3)
+        start = time.monotonic()
+        with pytest.raises(
+            StorageError,
+            match=r"store s3://stores/site: PermissionError: .*\(access refused: check the credentials",
+        ):
+            run_ingest("site_a", str(tmp_path / "raw"), "s3://stores/site", cfg)
+        assert time.monotonic() - start < 30  # refused at once, not retried as if transient
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 5 MB tmpfs: room for two stored heads of about 2 MB (root only: skipped where mounting is
+    not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_store_whose_disk_fills_up_stops_the_job_and_keeps_what_was_committed(
+    tmp_path, ray_local, site_secret, small_disk
+):
+    """A full disk is not the input's fault: the job stops with an error naming the store and the
+    cause, quarantines nothing, keeps the committed scans intact, and completes once there is room."""
+    write_site(tmp_path / "raw", n=6, seed=23)
+    uri = str(small_disk / "store")
+    with pytest.raises(StorageError, match=f"store {uri}: .*No space left on device"):
+        run_ingest("site_a", str(tmp_path / "raw"), uri, IngestConfig())
+    store = SiteStore(uri)
+    committed = store.committed_ids()
+    assert 1 <= len(committed) < 6, committed
+    assert not store.fs.exists(f"{store.root}/quarantine.parquet") or store.quarantine().empty
+    for scan_id in committed:  # what was committed before the disk filled is whole
+        row = store.manifest().set_index("scan_id").loc[scan_id]
+        assert checksum(load_volume(uri, scan_id)) == row["checksum"]
+    moved = shutil.copytree(uri, tmp_path / "bigger")  # room again: the same store on a larger disk
+    again = run_ingest("site_a", str(tmp_path / "raw"), str(moved), IngestConfig())
+    assert (again["skipped"], again["quarantined"]) == (len(committed), 0)
+    check_store(str(moved), 6)
 
 
 def test_missing_secret_is_a_clear_error(tmp_path, monkeypatch):

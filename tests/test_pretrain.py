@@ -695,6 +695,60 @@ def test_killed_worker_resumes_from_last_checkpoint(cluster, s3, s3_store, tmp_p
     assert [int(r["step"]) for r in rows(d)] == list(range(1, 13))
 
 
+@pytest.mark.slow
+def test_a_storage_outage_fails_the_group_and_the_run_completes_once_storage_is_back(
+    cluster, s3, s3_store, tmp_path
+):
+    """The S3 endpoint of the store and the checkpoints (a relay in front of the server) goes away
+    for 20 s after the first registered checkpoint, while the readers are still reading (12
+    epochs of the 8 scans). The store's reads give up after 2 retries:
+    the worker group fails with an error naming the store, FailureConfig restarts it, the
+    checkpoint storage rides the rest out on its retries (8), and the run resumes from its last
+    checkpoint and ends at the right step, every step once."""
+    from fmct_ray.testing import Relay
+
+    name, done = "dino-outage", []
+    sites = tmp_path / "sites.yaml"
+    sites.write_text(f"sites:\n  - name: A\n    uri: {s3_store}\n    storage: {{retries: 2}}\n")
+    args = job_args(
+        "pretrain_dino", DINO, s3_store, name, "--set", "train.epochs=12", "--set", "train.checkpoint_every=2"
+    )
+    args = [a for a in args if a not in ("--stores", f"A={s3_store}")] + [
+        "--sites",
+        str(sites),
+        "--max-failures",
+        "5",
+    ]
+    with Relay(s3.port) as relay:
+        env = {**s3.env(), "AWS_ENDPOINT_URL": relay.endpoint}
+        job = threading.Thread(
+            target=lambda: done.append(cluster.submit(*args, working_dir=str(ROOT), env=env, timeout=600))
+        )
+        job.start()
+        deadline = time.monotonic() + 300
+        while (
+            ckpt.latest_checkpoint("s3://runs", name) is None
+            and time.monotonic() < deadline
+            and job.is_alive()
+        ):
+            time.sleep(0.5)
+        assert ckpt.latest_checkpoint("s3://runs", name) is not None, "no checkpoint was registered"
+        relay.down()
+        time.sleep(20)
+        relay.up()
+        job.join(600)
+    out = done[0].stdout + done[0].stderr
+    (tmp_path / "job.log").write_text(out)
+    assert done[0].returncode == 0, out[-4000:]
+    assert f"StorageError: store {s3_store}: reading " in out
+    d = fetch_latest(s3, name, tmp_path)
+    state = json.loads((d / "state.json").read_text())
+    assert state["step"] == 24 and state["samples"] == 96  # 12 epochs x 2 steps x 4
+    assert [int(r["step"]) for r in rows(d)] == list(range(1, 25))
+    assert "Training failed due to worker errors" in out  # the group failed, and was restarted
+    assert progress(out)[-1][0] == 24  # replayed steps repeat their loss exactly (progress() dedups)
+
+
 @pytest.mark.parametrize("recipe", [DINO, MAE])
 def test_debug_recipes_learn_at_their_batch(recipe):
     """Issue 11, defect 1: lr is per 256 samples, so the debug recipes' peak lr at the tests' global

@@ -18,6 +18,7 @@ full disk or an outage must not quarantine good scans. What was committed stays;
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -40,7 +41,7 @@ from fmct_ray.ingest.privacy import pseudonym, secret_check, shift_time, site_se
 from fmct_ray.ingest.quality import QualityConfig, check_header, check_intensities
 from fmct_ray.ingest.readers import QuarantineError, read_dicom_header, read_dicom_series, read_nifti
 from fmct_ray.ingest.store import INGEST_VERSION, SiteStore, StoreConfig
-from fmct_ray.storage import StorageConfig, filesystem, is_local, storage_options
+from fmct_ray.storage import StorageConfig, StorageError, filesystem, is_local, storage_options
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -156,11 +157,6 @@ class Identify:
         return f"dicom:{series}", header.get("patient_key") or f"series:{series}", ""
 
 
-class StorageError(RuntimeError):
-    """Reading an input or writing the store failed for a reason that is not the scan's: the job
-    stops (what was committed stays; a re-run does the rest) instead of quarantining good scans."""
-
-
 def with_retries(fn, what: str, retries: int, backoff_s: float = 0.5):
     """`fn()`, retrying storage errors up to `retries` times with exponential backoff; then (or
     at once for a permission error, a full disk or a missing file) `StorageError` naming `what`."""
@@ -175,7 +171,10 @@ def with_retries(fn, what: str, retries: int, backoff_s: float = 0.5):
             )
             if permanent or attempt == retries:
                 tries = f" after {attempt + 1} attempts" if attempt else ""
-                raise StorageError(f"{what}: {type(err).__name__}: {err}{tries}") from err
+                hint = " (access refused: check the credentials and permissions)" * isinstance(
+                    err, PermissionError
+                )
+                raise StorageError(f"{what}: {type(err).__name__}: {err}{tries}{hint}") from err
             time.sleep(backoff_s * 2**attempt)
 
 
@@ -322,6 +321,7 @@ def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> 
     secret = site_secret(cfg.secret_env, "ingest runs")
     start = time.perf_counter()
     store = SiteStore(store_uri, cfg.output_storage)
+    with_retries(store.attrs, f"store {store_uri}", cfg.storage_retries)  # reachable, and lets us in
     store.init(site)
     done = store.committed_ids()
     files = discover(input_uri, cfg.input_storage)
@@ -350,7 +350,8 @@ def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> 
         cause = storage_cause(err)
         if cause is None:
             raise
-        store.consolidate()  # what was committed before the failure is in the manifest
+        with contextlib.suppress(Exception):  # the store may still be down: its rows stay committed
+            store.consolidate()  # what was committed before the failure is in the manifest
         raise StorageError(str(cause)) from None
     manifest = store.consolidate()
     quarantined = [

@@ -35,6 +35,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 from fmct_ray.storage import (
     S3Objects,
     StorageConfig,
+    StorageError,
     atomic_write,
     filesystem,
     is_local,
@@ -169,6 +170,8 @@ class SiteStore:
             meta, chunk = self._get([join(base, "zarr.json"), join(base, "c", "0", "0", "0")])
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{self.uri}: no stored volume {scan_id}") from err
+        except Exception as err:  # obstore / fsspec, after their own retries of transient errors
+            raise StorageError(f"store {self.uri}: reading {scan_id}: {type(err).__name__}: {err}") from err
         meta = json.loads(bytes(meta))
         volume = _decode_single_chunk(meta, chunk)
         if volume is None:
@@ -186,10 +189,12 @@ class SiteStore:
         atomic_write(self.fs, self._row_path(row["scan_id"]), json.dumps(row).encode())
 
     def committed_ids(self) -> set[str]:
-        folder = join(self.root, "_rows")
-        if not self.fs.exists(folder):
+        """The committed scans, listed afresh (s3fs caches listings, and other processes commit)."""
+        try:
+            listing = self.fs.ls(join(self.root, "_rows"), detail=False, refresh=True)
+        except FileNotFoundError:
             return set()
-        names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
+        names = (p.rsplit("/", 1)[-1] for p in listing)
         return {n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith(".")}
 
     def consolidate(self) -> pd.DataFrame:
