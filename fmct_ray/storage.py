@@ -76,6 +76,13 @@ def storage_options(cfg: StorageConfig | None) -> dict[str, Any]:
     return opts
 
 
+def option_retries(options: dict[str, Any]) -> int:
+    """The `StorageConfig.retries` that resolved `options` (`storage_options`) carry."""
+    return (
+        options.get("config_kwargs", {}).get("retries", {}).get("max_attempts", 1 + StorageConfig.retries) - 1
+    )
+
+
 def filesystem(
     uri: str, cfg: StorageConfig | None = None, options: dict[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -103,7 +110,7 @@ class S3Objects:
 
     Args:
         bucket: the bucket.
-        options: resolved s3fs options (`storage_options`; its botocore retry count is obstore's).
+        options: resolved s3fs options (`storage_options`; obstore retries as often as botocore).
     """
 
     def __init__(self, bucket: str, options: dict[str, Any]) -> None:
@@ -131,7 +138,7 @@ class S3Objects:
             client_options={"allow_http": bool(endpoint and endpoint.startswith("http://"))},
             credential_provider=provider,
             retry_config={
-                "max_retries": options.get("config_kwargs", {}).get("retries", {}).get("max_attempts", 9) - 1,
+                "max_retries": option_retries(options),
                 "backoff": {
                     "init_backoff": timedelta(seconds=0.1),
                     "max_backoff": timedelta(seconds=15),

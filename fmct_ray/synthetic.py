@@ -134,6 +134,11 @@ def draw_shift(rng: np.random.Generator, findings: Findings, prevalence: float) 
     )
 
 
+def ventricle_scale(anatomy: Anatomy, findings: Findings) -> float:
+    """The ventricles' size: the anatomy's, enlarged by hydrocephalus and by atrophy (ex vacuo)."""
+    return anatomy.ventricle_scale * (findings.hydrocephalus or 1.0) * (1 + 0.35 * findings.atrophy)
+
+
 def draw_atrophy(rng: np.random.Generator, findings: Findings, prevalence: float) -> Findings:
     """Atrophy of severity 0.25-1 (with probability `prevalence`) on top of `findings`."""
     if rng.random() >= prevalence:
@@ -197,7 +202,7 @@ def synthetic_head(
         side, thick = findings.shift_side, findings.shift_mm / 0.6
         lateral = np.clip(side * x / a[0], 0, None) * (z > -0.4 * a[2])
         hu[brain & (r > inner - 0.03 - thick * lateral / min(a))] = findings.hematoma_hu
-    vs = anatomy.ventricle_scale * (findings.hydrocephalus or 1.0) * (1 + 0.35 * findings.atrophy)
+    vs = ventricle_scale(anatomy, findings)
     mid = -findings.shift_side * findings.shift_mm  # the midline structures, pushed away from it
     for side in (-1, 1):  # two lateral ventricles either side of the midline
         cx = mid + side * 5 * vs
@@ -224,9 +229,7 @@ class Scan:
         lesion_ml = sum(4 / 3 * np.pi * les.radius**3 for les in self.findings.lesions) / 1000
         return {
             **self.findings.labels(),
-            "ventricle_scale": self.anatomy.ventricle_scale
-            * (self.findings.hydrocephalus or 1.0)
-            * (1 + 0.35 * self.findings.atrophy),
+            "ventricle_scale": ventricle_scale(self.anatomy, self.findings),
             "lesion_ml": float(lesion_ml),
             "midline_shift_mm": self.findings.shift_mm,
             "atrophy_severity": self.findings.atrophy,

@@ -553,8 +553,7 @@ def job_args(job, recipe_path, store, name, *extra) -> list[str]:
         f"jobs/{job}.py",
         "--config",
         str(recipe_path.relative_to(ROOT)),
-        "--stores",
-        f"A={store}",
+        *(["--stores", f"A={store}"] if store else []),  # None: the sites come from --sites
         "--num-workers",
         "2",
         "--cpus-per-worker",
@@ -710,15 +709,8 @@ def test_a_storage_outage_fails_the_group_and_the_run_completes_once_storage_is_
     name, done = "dino-outage", []
     sites = tmp_path / "sites.yaml"
     sites.write_text(f"sites:\n  - name: A\n    uri: {s3_store}\n    storage: {{retries: 2}}\n")
-    args = job_args(
-        "pretrain_dino", DINO, s3_store, name, "--set", "train.epochs=12", "--set", "train.checkpoint_every=2"
-    )
-    args = [a for a in args if a not in ("--stores", f"A={s3_store}")] + [
-        "--sites",
-        str(sites),
-        "--max-failures",
-        "5",
-    ]
+    epochs = ("--set", "train.epochs=12", "--set", "train.checkpoint_every=2")
+    args = job_args("pretrain_dino", DINO, None, name, *epochs, "--sites", str(sites), "--max-failures", "5")
     with Relay(s3.port) as relay:
         env = {**s3.env(), "AWS_ENDPOINT_URL": relay.endpoint}
         job = threading.Thread(

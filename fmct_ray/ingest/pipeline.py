@@ -171,9 +171,8 @@ def with_retries(fn, what: str, retries: int, backoff_s: float = 0.5):
             )
             if permanent or attempt == retries:
                 tries = f" after {attempt + 1} attempts" if attempt else ""
-                hint = " (access refused: check the credentials and permissions)" * isinstance(
-                    err, PermissionError
-                )
+                refused = isinstance(err, PermissionError)
+                hint = " (access refused: check the credentials and permissions)" if refused else ""
                 raise StorageError(f"{what}: {type(err).__name__}: {err}{tries}{hint}") from err
             time.sleep(backoff_s * 2**attempt)
 
