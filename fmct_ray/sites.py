@@ -254,18 +254,21 @@ def run_on_site(site: SiteSpec, fn: Callable[..., Any], *args: Any) -> Any:
     return ray.get(task.remote(*args))
 
 
-def _scan_ids(site: SiteSpec, split: str) -> tuple[str, ...]:
+def _scan_ids(site: SiteSpec, split: str, series: str = "all") -> tuple[str, ...]:
     from fmct_ray.ingest.store import SiteStore
 
     manifest = SiteStore(site.uri, site.storage).manifest()
     if split != "all":
         manifest = manifest[manifest["split"] == split]
+    if series == "primary" and "primary" in manifest.columns:  # stores without studies: all primary
+        manifest = manifest[manifest["primary"].astype(bool)]
     return tuple(sorted(manifest["scan_id"].astype(str)))
 
 
-def site_scan_ids(site: SiteSpec, split: str = "all") -> tuple[str, ...]:
-    """Sorted scan ids of `split` in the site's manifest, read on the site's nodes.
+def site_scan_ids(site: SiteSpec, split: str = "all", series: str = "all") -> tuple[str, ...]:
+    """Sorted scan ids of `split` in the site's manifest (every series, or only each study's
+    primary one), read on the site's nodes.
 
     Only the ids leave the site (what `fmct_ray.data.source.make_plan` needs), not the manifest.
     """
-    return run_on_site(site, _scan_ids, site, split)
+    return run_on_site(site, _scan_ids, site, split, series)

@@ -6,9 +6,12 @@ EHR times are shifted the same way, with the site secret in $FMCT_SITE_SECRET, L
         --ehr ehr.parquet --out labels/siteA
     [--scan-times scan_times.csv]   # real (unshifted) times overriding the manifest's, e.g. for
                                     # NIfTI-only stores, which have none
-From a public-dataset label file (one row per scan, one column per task):
-    python jobs/labels.py --config configs/labels/rsna.yaml --stores R=/data/rsna \
-        --public rsna_labels.csv --out labels/rsna
+From a public dataset's label file as published (RSNA 2019: per-slice rows joined through the
+slices' SOP instance ids; CQ500: three readers' reads per patient, onto each study's primary series):
+    python jobs/labels.py --config configs/labels/rsna2019.yaml --stores R=/data/rsna-store \
+        --public stage_2_train.csv --out labels/rsna2019
+    python jobs/labels.py --config configs/labels/cq500.yaml --stores C=/data/cq500-store \
+        --public reads.csv --out labels/cq500
 
 The stores of one run share the site secret (a store shifted with another secret is an error).
 Writes labels.parquet and label_report.{csv,md}; missing or contradictory labels are counted per
@@ -34,15 +37,23 @@ def main() -> None:
         help="optional scan times table (CSV/Parquet): scan_id, scan_time; real times that override "
         "the manifest's (for stores without times)",
     )
-    p.add_argument("--public", help="label file (CSV/Parquet): one row per scan, one column per task")
+    p.add_argument("--public", help="label file (CSV/Parquet) in the layout the config names")
     p.add_argument("--out", required=True, help="output folder")
     args = p.parse_args()
     cfg = load_config(LabelConfig, args)
     sites = sites_from_args(args)
-    manifest = pd.concat([SiteStore(s.uri, s.storage).manifest() for s in sites], ignore_index=True)
+    stores = [SiteStore(s.uri, s.storage) for s in sites]
+    manifest = pd.concat([s.manifest() for s in stores], ignore_index=True)
+    slices = pd.concat([s.slices() for s in stores]) if cfg.id_kind == "dicom_slice" else None
     try:
         _, table = make_labels(
-            cfg, manifest, args.out, ehr=args.ehr, scan_times=args.scan_times, public=args.public
+            cfg,
+            manifest,
+            args.out,
+            ehr=args.ehr,
+            scan_times=args.scan_times,
+            public=args.public,
+            slices=slices,
         )
     except ValueError as err:  # bad input tables: the message names the file and the reason
         raise SystemExit(f"labels: {err}") from err

@@ -7,7 +7,13 @@ import pandas as pd
 import pytest
 
 from fmct_ray import config as C
-from fmct_ray.eval.labels import LabelConfig, derive_ehr_labels, join_public_labels, make_labels
+from fmct_ray.eval.labels import (
+    LabelConfig,
+    TaskDefinition,
+    derive_ehr_labels,
+    join_public_labels,
+    make_labels,
+)
 from fmct_ray.ingest.pipeline import pseudonym
 from fmct_ray.ingest.privacy import date_shift_days, secret_check
 
@@ -129,7 +135,15 @@ def test_bad_tables_and_definitions_are_named():
 
 
 def public_cfg():
-    return C.load(LabelConfig, ROOT / "configs" / "labels" / "rsna.yaml", ["id_kind=scan_id"])
+    """A one-row-per-series table (the generic wide layout), keyed by scan id."""
+    tasks = {
+        "Any": TaskDefinition(column="any", include=("IPH", "IVH", "SAH", "SDH")),
+        "IPH": TaskDefinition(column="intraparenchymal"),
+        "IVH": TaskDefinition(column="intraventricular"),
+        "SAH": TaskDefinition(column="subarachnoid"),
+        "SDH": TaskDefinition(column="subdural"),
+    }
+    return LabelConfig(tasks=tasks, id_column="SeriesInstanceUID")
 
 
 def test_public_labels_join_and_report():

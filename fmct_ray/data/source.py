@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -50,6 +51,7 @@ class DataConfig:
     Args:
         sites: the stores (usually given on the command line, not in the recipe).
         split: manifest split to train on ("train", "val", "test" or "all").
+        series: every series of a study, or only its primary one (`fmct_ray.ingest.series`).
         seed: seed of the epoch orders and of the per-sample crop generators.
         crops: multi-crop views cut on the CPU workers.
         samples_per_epoch: epoch length in samples (None: all scans of the split).
@@ -66,6 +68,7 @@ class DataConfig:
 
     sites: tuple[SiteSpec, ...] = ()
     split: str = "train"
+    series: Literal["all", "primary"] = "all"
     seed: int = 0
     crops: MultiCropConfig = field(default_factory=MultiCropConfig)
     samples_per_epoch: int | None = None
@@ -82,7 +85,7 @@ def make_plan(cfg: DataConfig) -> Plan:
     may be read (`fmct_ray.sites.site_scan_ids`), and only its ids reach the caller."""
     if not cfg.sites:
         raise ValueError("no sites: give stores with --stores or a sites file")
-    ids = [site_scan_ids(site, cfg.split) for site in cfg.sites]  # read on the site's nodes
+    ids = [site_scan_ids(site, cfg.split, cfg.series) for site in cfg.sites]  # read on the site's nodes
     total = sum(len(i) for i in ids)
     if total == 0:
         raise ValueError(f"no scans in split {cfg.split!r} of any site: {[s.uri for s in cfg.sites]}")

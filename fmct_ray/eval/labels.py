@@ -15,9 +15,17 @@ Two sources (issue 5, SPEC section 4):
   manifest's `secret_check`) before the comparison; intervals, hence labels, are unchanged. A
   scan-times table (scan_id, scan_time) can override the manifest's times (stores without times,
   e.g. NIfTI-only sites): those times are real ones, and the EHR times of those scans stay unshifted.
-- Public label files (RSNA / CQ500 style): one row per scan, one column per task, joined to the
-  manifest by scan id (or by the pseudonym of the original NIfTI path / DICOM series, computed with
-  the site's secret exactly as ingest computed the scan id).
+- Public label files: one row per labelled thing, one column per task, joined to the manifest by
+  scan id, or by the pseudonym of the original NIfTI path / DICOM series / DICOM slice / patient,
+  computed with the site's secret exactly as ingest computed it. Two published layouts are read
+  as they are:
+  RSNA 2019 (`layout: rsna2019`): `ID,Label` with six rows per slice (`ID_<hex>_<subtype>`),
+  joined through the slices' SOP instance ids (`id_kind: dicom_slice`, the store's slices.parquet);
+  a series is positive for a subtype when any of its slices is, negative when every slice is
+  labelled and none is positive, and missing otherwise.
+  CQ500 (`readers: [R1, R2, R3]`): `name`, then one `R<k>:<task>` column per reader; the label is
+  the majority (or any, or all) of the reads, per patient (`id_kind: patient`), and goes to the
+  primary series of the patient's study (`fmct_ray.ingest.series`); other series stay missing.
 
 Labels are nullable (pandas "Int8": 1, 0, <NA>). A label is missing, never silently negative, when
 the scan has no time, the patient has no records at all, the file has no row or an empty cell for
@@ -41,6 +49,7 @@ from fmct_ray.ingest.privacy import pseudonym, site_secret
 
 TRUE = {"1", "1.0", "true", "yes", "y", "positive", "pos", "t"}
 FALSE = {"0", "0.0", "false", "no", "n", "negative", "neg", "f"}
+CONTRADICTED = -2.0  # the value of rows that disagree (RSNA: one slice and subtype listed twice)
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,15 @@ class LabelConfig:
         subcodes: also match codes that extend a listed code (S06.5 -> S06.5X0A, ICD-10-CM).
         id_column: the scan identifier column of a public label file.
         id_kind: what that column holds: the pseudonymous scan id, the NIfTI path relative to the
-            ingest input root, or the DICOM SeriesInstanceUID (both hashed with the site secret).
+            ingest input root, the DICOM SeriesInstanceUID, a slice's SOPInstanceUID (labels per
+            slice, aggregated per series) or the PatientID (labels per study, given to its primary
+            series); all but the first are hashed with the site secret.
+        id_strip: characters removed from the file's ids before hashing (a copy whose PatientID
+            is written without the hyphens of the label file's names: "-").
+        layout: "wide" (one column per task) or "rsna2019" (`ID,Label` rows, ID = <id>_<column>).
+        readers: reader prefixes of multi-reader files (CQ500: R1, R2, R3): a task's value is
+            combined from the columns `<reader>:<column>`.
+        combine: how the readers' values combine: majority (ties missing), any, all.
         patient_ids: whether the EHR's patient ids are already pseudonymous or raw (then hashed).
         secret_env: environment variable with the site secret (only for raw ids).
     """
@@ -79,7 +96,11 @@ class LabelConfig:
     window_days: int = 90
     subcodes: bool = False
     id_column: str = "scan_id"
-    id_kind: Literal["scan_id", "nifti_path", "dicom_series"] = "scan_id"
+    id_kind: Literal["scan_id", "nifti_path", "dicom_series", "dicom_slice", "patient"] = "scan_id"
+    id_strip: str = ""
+    layout: Literal["wide", "rsna2019"] = "wide"
+    readers: tuple[str, ...] = ()
+    combine: Literal["majority", "any", "all"] = "majority"
     patient_ids: Literal["pseudonymous", "raw"] = "pseudonymous"
     secret_env: str = "FMCT_SITE_SECRET"
 
@@ -92,6 +113,8 @@ class LabelConfig:
                 raise ValueError(f"task {name} includes unknown task(s) {sorted(unknown)}")
         for name in self.tasks:
             expand(self, name)  # raises on include cycles
+        if self.layout == "rsna2019" and self.id_kind != "dicom_slice":
+            raise ValueError("layout rsna2019 labels slices: use id_kind: dicom_slice")
 
 
 def expand(cfg: LabelConfig, task: str, seen: tuple[str, ...] = ()) -> tuple[set[str], set[str]]:
@@ -244,6 +267,8 @@ def _drop_duplicate_scans(labels: pd.DataFrame, tasks: list[str], report: LabelR
 def _parse_value(v) -> float:
     if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
         return np.nan
+    if v == CONTRADICTED:
+        return CONTRADICTED
     text = str(v).strip().lower()
     if text in TRUE:
         return 1.0
@@ -255,35 +280,152 @@ def _parse_value(v) -> float:
 
 
 def public_scan_ids(values: pd.Series, cfg: LabelConfig) -> pd.Series:
-    """The label file's id column mapped to pseudonymous scan ids."""
+    """The label file's id column mapped to pseudonymous ids (scan ids; slice or patient ids for
+    those kinds)."""
     if cfg.id_kind == "scan_id":
         return values.astype(str)
     secret = _secret(cfg)
-    prefix = "nifti" if cfg.id_kind == "nifti_path" else "dicom"
-    return values.astype(str).map(lambda v: pseudonym(secret, "scan", f"{prefix}:{v}"))
+    kind, prefix = {
+        "nifti_path": ("scan", "nifti:"),
+        "dicom_series": ("scan", "dicom:"),
+        "dicom_slice": ("slice", ""),
+        "patient": ("patient", ""),
+    }[cfg.id_kind]
+    strip = str.maketrans("", "", cfg.id_strip)
+    return values.astype(str).map(lambda v: pseudonym(secret, kind, prefix + v.strip().translate(strip)))
+
+
+def rsna_wide(table: pd.DataFrame, what: str) -> pd.DataFrame:
+    """RSNA 2019's `ID,Label` rows (`ID_<hex>_<subtype>`, six per slice) -> one row per slice id,
+    one column per subtype (a slice and subtype listed twice with different labels: `CONTRADICTED`)."""
+    _require(table, ["ID", "Label"], what)
+    parts = table["ID"].astype(str).str.rpartition("_")
+    if (parts[1] == "").any():
+        raise ValueError(f"{what}: ID {table['ID'][parts[1] == ''].iloc[0]!r} is not <slice id>_<subtype>")
+    long = pd.DataFrame({"ID": parts[0], "subtype": parts[2], "value": table["Label"].map(_parse_value)})
+    wide = long.groupby(["ID", "subtype"], sort=False)["value"].agg(
+        lambda v: v.iloc[0] if v.nunique(dropna=False) == 1 else CONTRADICTED
+    )
+    return wide.unstack("subtype").reset_index()
+
+
+def _unique_ids(ids: np.ndarray, values: dict, report: LabelReport, what: str) -> pd.DataFrame:
+    """One row per id; an id whose rows disagree on a task is missing for it (reported)."""
+    rows = pd.DataFrame({"id": ids, **values})
+    if not rows["id"].duplicated().any():
+        return rows
+    groups = rows.groupby("id", sort=False)
+    for task in values:
+        report.add(task, f"{what} with contradictory rows", (groups[task].nunique() > 1).sum())
+    return groups[list(values)].agg(_collapse).astype(float).reset_index()
+
+
+def _values(table: pd.DataFrame, column: str, cfg: LabelConfig) -> np.ndarray:
+    """One float per row (1, 0, NaN missing, -1 invalid) of a task's column or its readers'."""
+    if not cfg.readers:
+        return table[column].map(_parse_value).astype(float).to_numpy()
+    reads = np.stack([table[f"{r}:{column}"].map(_parse_value).astype(float) for r in cfg.readers], 1)
+    invalid = (reads == -1).any(1)
+    reads = np.where(reads == -1, np.nan, reads)
+    pos, n = np.nansum(reads, 1), (~np.isnan(reads)).sum(1)
+    if cfg.combine == "majority":
+        out = np.where(2 * pos > n, 1.0, np.where(2 * pos < n, 0.0, np.nan))
+    elif cfg.combine == "any":
+        out = np.where(pos > 0, 1.0, np.where(n == len(cfg.readers), 0.0, np.nan))
+    else:
+        out = np.where(pos == len(cfg.readers), 1.0, np.where(n > pos, 0.0, np.nan))
+    return np.where(invalid, -1.0, np.where(n == 0, np.nan, out))
 
 
 def join_public_labels(
-    table: pd.DataFrame, manifest: pd.DataFrame, cfg: LabelConfig, what: str = "label file"
+    table: pd.DataFrame,
+    manifest: pd.DataFrame,
+    cfg: LabelConfig,
+    what: str = "label file",
+    slices: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, LabelReport]:
-    """Labels of every manifest scan from a one-row-per-scan label file (joined by scan id)."""
+    """Labels of every manifest scan from a public label file (see the module docstring).
+
+    Args:
+        table: the file as read.
+        manifest: the scans to label (scan_id, patient_id; `primary` for id_kind patient).
+        cfg: tasks, id column and kind, layout, readers.
+        what: the file's name in messages.
+        slices: scan_id, slice_id of the stores' DICOM slices (id_kind dicom_slice).
+    """
     columns = {t: d.column or t for t, d in cfg.tasks.items()}
-    _require(table, [cfg.id_column, *columns.values()], what)
+    if cfg.layout == "rsna2019":
+        table = rsna_wide(table, what)
+    needed = [f"{r}:{c}" for c in columns.values() for r in cfg.readers] or list(columns.values())
+    _require(table, [cfg.id_column, *needed], what)
     report = LabelReport()
-    frame = pd.DataFrame({"scan_id": public_scan_ids(table[cfg.id_column], cfg).to_numpy()})
-    known = frame["scan_id"].isin(set(manifest["scan_id"])).to_numpy()
-    for task, column in columns.items():
-        parsed = table[column].map(_parse_value).astype(float).to_numpy()
-        report.add(task, f"invalid value in column {column!r}", ((parsed == -1) & known).sum())
-        report.add(task, "empty cell", (np.isnan(parsed) & known).sum())
-        frame[task] = pd.Series(np.where(parsed >= 0, parsed, np.nan)).astype("Int8")
-        report.add(task, "label rows for scans not in the manifest (ignored)", (~known).sum())
+    ids = public_scan_ids(table[cfg.id_column], cfg).to_numpy()
+    if cfg.id_kind == "dicom_slice" and (slices is None or slices.empty):
+        raise ValueError(f"{what}: labels per slice need the stores' slices.parquet (DICOM ingest)")
+    pool = {"dicom_slice": "slice_id", "patient": "patient_id"}.get(cfg.id_kind, "scan_id")
+    known = np.isin(ids, list(set((slices if pool == "slice_id" else manifest)[pool])))
+    values = {task: _values(table, column, cfg) for task, column in columns.items()}
+    for task, column in columns.items():  # counted where the row will be used
+        report.add(task, f"invalid value in column {column!r}", ((values[task] == -1) & known).sum())
+        contradicted = (values[task] == CONTRADICTED) & known
+        report.add(task, "contradictory rows for the same slice", contradicted.sum())
+        values[task] = np.where(values[task] >= 0, values[task], np.nan)
+    if cfg.id_kind == "dicom_slice":
+        frame = _per_series(ids, values, slices, report)
+    elif cfg.id_kind == "patient":
+        frame = _per_study(ids, values, manifest, report)
+    else:
+        frame = pd.DataFrame({"scan_id": ids, **{t: pd.Series(v).astype("Int8") for t, v in values.items()}})
+        for task in columns:
+            report.add(task, "empty cell", (frame[task].isna().to_numpy() & known).sum())
+            report.add(task, "label rows for scans not in the manifest (ignored)", (~known).sum())
+        frame, report = _drop_duplicate_scans(frame[known], list(columns), report)
+    for task in columns:
         report.add(task, "no row in the label file", (~manifest["scan_id"].isin(set(frame["scan_id"]))).sum())
-    frame, report = _drop_duplicate_scans(frame[known], list(columns), report)
     labels = manifest[["scan_id"]].merge(frame, on="scan_id", how="left")
     for task in columns:
         labels[task] = labels[task].astype("Int8")
     return _check_includes(labels, cfg, report), report
+
+
+def _per_series(ids, values, slices: pd.DataFrame, report: LabelReport) -> pd.DataFrame:
+    """Slice labels -> series labels: any positive slice; else negative when every slice of the
+    series is labelled; else missing."""
+    rows = _unique_ids(ids, values, report, "slices")
+    known = set(slices["slice_id"])
+    merged = slices.merge(rows, left_on="slice_id", right_on="id", how="inner")
+    labelled = merged.groupby("scan_id")
+    n = slices[slices["scan_id"].isin(set(merged["scan_id"]))].groupby("scan_id").size()
+    frame = pd.DataFrame(index=n.index)
+    for task in values:
+        report.add(task, "label rows for slices not in the store (ignored)", (~rows["id"].isin(known)).sum())
+        positive, count = labelled[task].max().reindex(n.index), labelled[task].count().reindex(n.index)
+        frame[task] = np.where(positive == 1, 1.0, np.where(count == n, 0.0, np.nan))
+        partial = (positive != 1) & (count < n)
+        report.add(task, "series with slices unlabelled and none positive", partial.sum())
+    return frame.rename_axis("scan_id").reset_index().astype({t: "Int8" for t in values})
+
+
+def _per_study(ids, values, manifest: pd.DataFrame, report: LabelReport) -> pd.DataFrame:
+    """Patient labels -> the primary series of the patient's one study (a patient with several
+    studies cannot be placed: missing)."""
+    tasks = list(values)
+    rows = _unique_ids(ids, values, report, "patients").rename(columns={"id": "patient_id"})
+    m = manifest.assign(primary=manifest["primary"] if "primary" in manifest.columns else True)
+    studies = m.assign(study=m.get("study_id", m["scan_id"]).fillna(m["scan_id"]))
+    n_studies = studies.groupby("patient_id")["study"].nunique()
+    primary = m[m["primary"].astype(bool)][["scan_id", "patient_id"]]
+    joined = primary.merge(rows, on="patient_id", how="inner")
+    several = joined["patient_id"].map(n_studies).fillna(1).to_numpy() > 1
+    known = rows["patient_id"].isin(set(m["patient_id"]))
+    not_primary = m["patient_id"].isin(set(rows["patient_id"])) & ~m["primary"].astype(bool)
+    for task in tasks:
+        report.add(task, "label rows for patients not in the manifest (ignored)", (~known).sum())
+        report.add(task, "empty or tied reads", (joined[task].isna().to_numpy() & ~several).sum())
+        report.add(task, "patient has several studies: the read cannot be placed", several.sum())
+        report.add(task, "not the primary series of its study (study-level labels)", not_primary.sum())
+        joined.loc[several, task] = np.nan
+    return joined[["scan_id", *tasks]].astype({t: "Int8" for t in tasks})
 
 
 def _check_includes(labels: pd.DataFrame, cfg: LabelConfig, report: LabelReport) -> pd.DataFrame:
@@ -326,9 +468,11 @@ def make_labels(
     ehr: str | Path | None = None,
     scan_times: str | Path | None = None,
     public: str | Path | None = None,
+    slices: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Labels of the manifest's scans from an EHR table (+ the manifest's scan times, or a
-    scan-times table that overrides them, see `scan_table`) or a public label file.
+    scan-times table that overrides them, see `scan_table`) or a public label file (`slices`:
+    the stores' slice ids, for labels per slice).
 
     Writes `out`/labels.parquet (scan_id, patient_id, site, split, one Int8 column per task) and
     the per-task report (CSV, Markdown); returns (labels, report table).
@@ -341,7 +485,7 @@ def make_labels(
         scans = scan_table(manifest, times, str(scan_times))
         labels, report = derive_ehr_labels(read_table(ehr), scans, cfg, what=str(ehr))
     else:
-        labels, report = join_public_labels(read_table(public), manifest, cfg, what=str(public))
+        labels, report = join_public_labels(read_table(public), manifest, cfg, str(public), slices)
     meta = manifest[["scan_id", "patient_id", "site", "split"]].drop_duplicates("scan_id")
     labels = meta.merge(labels, on="scan_id", how="left")
     table = report.table(labels, list(cfg.tasks))

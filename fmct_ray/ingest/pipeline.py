@@ -40,6 +40,7 @@ from fmct_ray.ingest.geometry import PreprocessConfig, convert
 from fmct_ray.ingest.privacy import pseudonym, secret_check, shift_time, site_secret
 from fmct_ray.ingest.quality import QualityConfig, check_header, check_intensities
 from fmct_ray.ingest.readers import QuarantineError, read_dicom_header, read_dicom_series, read_nifti
+from fmct_ray.ingest.series import SeriesSelection, select_primary
 from fmct_ray.ingest.store import INGEST_VERSION, SiteStore, StoreConfig
 from fmct_ray.storage import StorageConfig, StorageError, filesystem, is_local, storage_options
 
@@ -53,6 +54,7 @@ class IngestConfig:
     Args:
         preprocess: HU -> RAS -> 1 mm -> int16 -> 224^3 (SPEC section 1).
         quality: cohort gates (SPEC section 1); failures are quarantined.
+        series: how the primary series of a study is chosen (`fmct_ray.ingest.series`).
         store: encoding of stored volumes.
         input_storage: how to reach the input tree (endpoint, credential references).
         output_storage: how to reach the store.
@@ -71,6 +73,7 @@ class IngestConfig:
 
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    series: SeriesSelection = field(default_factory=SeriesSelection)
     store: StoreConfig = field(default_factory=StoreConfig)
     input_storage: StorageConfig = field(default_factory=StorageConfig)
     output_storage: StorageConfig = field(default_factory=StorageConfig)
@@ -264,8 +267,17 @@ class Convert:
         digest = with_retries(write, where, retries)
         shifted = shift_time(raw.acquired, self.secret, patient_id, self.cfg.date_shift_days)
         row = manifest_row(scan_id, patient_id, self.site, kind, raw.meta, volume, digest, self.cfg)
-        row = {**row, **time_fields(shifted, self.secret, self.cfg.date_shift_days)}
+        row = {**row, **time_fields(shifted, self.secret, self.cfg.date_shift_days), **self._series(raw)}
         with_retries(lambda: store.commit(row), where, retries)
+
+    def _series(self, raw) -> dict[str, Any]:
+        """Study pseudonym, selection flags and keyed slice ids (`RawScan`'s raw keys, hashed)."""
+        hashed = [pseudonym(self.secret, "slice", k) for k in raw.instance_keys if k]
+        return {
+            "study_id": pseudonym(self.secret, "study", raw.study_key) if raw.study_key else None,
+            **self.cfg.series.flags(raw.description, raw.meta.get("kernel")),
+            "slice_ids": hashed if len(hashed) == len(raw.instance_keys) else [],
+        }
 
 
 def manifest_row(
@@ -292,6 +304,8 @@ def manifest_row(
         "orig_spacing": [float(s) for s in meta["spacing"]],
         "orig_orientation": str(meta["orientation"]),
         "slice_thickness": num(meta.get("slice_thickness")),
+        "n_slices": int(meta["n_slices"]),
+        "kernel": meta.get("kernel"),
         "manufacturer": meta.get("manufacturer"),
         "kvp": num(meta.get("kvp")),
         "stored_shape": [int(s) for s in volume.shape],
@@ -329,6 +343,7 @@ def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> 
     in_opts = storage_options(cfg.input_storage) if "://" in input_uri else {}
     out_opts = storage_options(cfg.output_storage) if "://" in store_uri else {}
     identify = Identify(secret, cfg, in_opts)
+    select = functools.partial(select_primary, policy=cfg.series)
     convert_one = Convert(site, store_uri, cfg, in_opts, out_opts, done, secret)
 
     def identify_files(batch):
@@ -350,9 +365,9 @@ def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> 
         if cause is None:
             raise
         with contextlib.suppress(Exception):  # the store may still be down: its rows stay committed
-            store.consolidate()  # what was committed before the failure is in the manifest
+            store.consolidate(select)  # what was committed before the failure is in the manifest
         raise StorageError(str(cause)) from None
-    manifest = store.consolidate()
+    manifest = store.consolidate(select)
     quarantined = [
         {"path": r["path"], "reason": r["reason"]} for r in results if r["status"] == "quarantined"
     ]

@@ -65,6 +65,11 @@ class RawScan:
         patient_key: raw PatientID for the caller's keyed hash only; never written.
         series_key: raw SeriesInstanceUID for the caller's keyed hash only; never written.
         acquired: real scan time (naive local time, DICOM only); written only date-shifted.
+        study_key: raw StudyInstanceUID (keyed hash only; series of one study share it).
+        instance_keys: raw SOPInstanceUIDs of the slices, in slice order (keyed hashes only: public
+            label files such as RSNA 2019's label slices, not series).
+        description: raw SeriesDescription, matched against the series-selection patterns; never
+            written (free text may identify).
     """
 
     array: np.ndarray
@@ -73,6 +78,9 @@ class RawScan:
     patient_key: str | None = None
     series_key: str | None = None
     acquired: datetime | None = None
+    study_key: str | None = None
+    instance_keys: tuple[str, ...] = ()
+    description: str | None = None
 
 
 def grid_meta(array: np.ndarray, affine: np.ndarray, **facts: Any) -> dict[str, Any]:
@@ -80,7 +88,7 @@ def grid_meta(array: np.ndarray, affine: np.ndarray, **facts: Any) -> dict[str, 
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     # The slice axis is the voxel axis closest to world S (axial acquisitions).
     slice_axis = int(np.argmax(np.abs(affine[2, :3]) / np.maximum(spacing, 1e-12)))
-    meta = {"modality": None, "slice_thickness": None, "kvp": None, "manufacturer": None}
+    meta = {"modality": None, "slice_thickness": None, "kvp": None, "manufacturer": None, "kernel": None}
     meta.update(facts)
     meta.update(
         spacing=spacing,
@@ -200,6 +208,23 @@ def _text(ds: Any, keyword: str) -> str | None:
     return str(value).strip() or None
 
 
+def _joined(ds: Any, keyword: str) -> str | None:
+    """A text field that may be multi-valued (ConvolutionKernel "FC23\\AXIAL"), values joined by "\\"."""
+    value = ds.get(keyword)
+    if value is None or isinstance(value, str | bytes):
+        return _text(ds, keyword)
+    return "\\".join(str(v).strip() for v in value) or None
+
+
+def _twelve_bit_wrap(ds: Any) -> bool:
+    """RSNA 2019's known header quirk: 12-bit two's-complement pixels flagged unsigned
+    (PixelRepresentation 0) with a RescaleIntercept near 0 instead of about -1000, so that air reads
+    about +3096. The dataset's standard correction (`_slice_hu`) applies to exactly these slices."""
+    bits, representation = _first(ds, "BitsStored"), _first(ds, "PixelRepresentation")
+    intercept = _first(ds, "RescaleIntercept")
+    return bits == 12 and representation == 0 and intercept is not None and intercept > -100
+
+
 def _parse_dicom(data: bytes, source: str, pixels: bool) -> Any:
     import pydicom
 
@@ -233,6 +258,11 @@ def _header_from_ds(ds: Any, source: str) -> dict[str, Any]:
         "columns": int(geometry["columns"]),
         "series_key": _text(ds, "SeriesInstanceUID"),
         "patient_key": _text(ds, "PatientID"),
+        "study_key": _text(ds, "StudyInstanceUID"),
+        "instance_key": _text(ds, "SOPInstanceUID"),
+        "kernel": _joined(ds, "ConvolutionKernel"),
+        "description": _text(ds, "SeriesDescription"),
+        "twelve_bit_wrap": _twelve_bit_wrap(ds),
         "instance_number": _first(ds, "InstanceNumber"),
         "number_of_frames": int(frames) if frames else 1,
         "modality": _text(ds, "Modality"),
@@ -351,8 +381,12 @@ def _slice_hu(ds: Any, header: dict[str, Any], out: np.ndarray) -> None:
         raise QuarantineError(
             f"pixel data shape {pixels.shape} does not match Rows/Columns", header["source"]
         )
+    intercept = header["rescale_intercept"]
+    if header["twelve_bit_wrap"]:  # (stored + 1000) mod 4096, intercept -1000 (see _twelve_bit_wrap)
+        pixels = (pixels.astype(np.int32) + 1000) % 4096
+        intercept = -1000.0
     np.multiply(pixels, np.float32(header["rescale_slope"]), out=out, casting="unsafe")
-    out += np.float32(header["rescale_intercept"])
+    out += np.float32(intercept)
 
 
 def _to_uniform(volume: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, float]:
@@ -410,7 +444,7 @@ def read_dicom_series(
     lps[:3, 3] = geo.origin
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     check_grid(volume, affine, source)
-    facts = {k: first[k] for k in ("modality", "slice_thickness", "kvp", "manufacturer")}
+    facts = {k: first[k] for k in ("modality", "slice_thickness", "kvp", "manufacturer", "kernel")}
     meta = grid_meta(volume, affine, source_format="dicom", **facts)
     meta.update(
         spacing=(float(col_spacing), float(row_spacing), geo.step),
@@ -421,5 +455,6 @@ def read_dicom_series(
         rescale_slope=first["rescale_slope"],
         rescale_intercept=first["rescale_intercept"],
     )
-    keys = {"patient_key": first["patient_key"], "series_key": first["series_key"]}
-    return RawScan(volume, affine, meta, **keys, acquired=series_time(headers))
+    keys = {k: first[k] for k in ("patient_key", "series_key", "study_key", "description")}
+    instances = tuple(headers[i]["instance_key"] or "" for i in geo.order)
+    return RawScan(volume, affine, meta, **keys, acquired=series_time(headers), instance_keys=instances)

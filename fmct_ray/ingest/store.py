@@ -9,7 +9,10 @@ Layout of a store (local path or `s3://bucket/prefix`):
                                          attributes: affine (RAS, mm) and sha256 checksum
     STORE/_rows/<scan_id>.json           commit marker + manifest row, written only after the
                                          volume was written and read back checksum-valid
-    STORE/manifest.parquet               all committed rows (consolidated from _rows/)
+    STORE/manifest.parquet               all committed rows (consolidated from _rows/), with
+                                         the study's `primary` series marked (ingest/series.py)
+    STORE/slices.parquet                 scan_id, slice_id: the keyed SOP instance ids of each
+                                         DICOM scan's slices (per-slice public labels join here)
     STORE/quarantine.parquet             inputs rejected by the last run: path, reason
     STORE/runs/<UTC time>/               resolved config and summary of each ingest run
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -197,31 +201,44 @@ class SiteStore:
         names = (p.rsplit("/", 1)[-1] for p in listing)
         return {n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith(".")}
 
-    def consolidate(self) -> pd.DataFrame:
-        """Rebuild manifest.parquet from the committed rows (only new rows are fetched)."""
+    def consolidate(self, select: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> pd.DataFrame:
+        """Rebuild manifest.parquet from the committed rows (only new rows are fetched); a row's
+        `slice_ids` (DICOM slices' keyed SOP instance ids) go to slices.parquet (scan_id, slice_id).
+        `select` adds the series-selection columns (`fmct_ray.ingest.series.select_primary`)."""
         ids = self.committed_ids()
         old = self.manifest() if self.fs.exists(join(self.root, "manifest.parquet")) else None
         known = set(old["scan_id"]) & ids if old is not None else set()
         new_paths = [self._row_path(i) for i in sorted(ids - known)]
         blobs = self.fs.cat(new_paths) if new_paths else {}
         rows = [json.loads(blobs[p]) for p in new_paths]
-        frames = [
-            f
-            for f in (
-                old[old["scan_id"].isin(known)] if old is not None else None,
-                pd.DataFrame(rows) if rows else None,
-            )
-            if f is not None and len(f)
+        slices = [self.slices()] if known else []
+        slices = [s[s["scan_id"].isin(known)] for s in slices]
+        slices += [
+            pd.DataFrame({"scan_id": r["scan_id"], "slice_id": r.pop("slice_ids", None) or []}) for r in rows
         ]
-        manifest = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"scan_id": []})
+        kept = old[old["scan_id"].isin(known)] if old is not None else None
+        manifest = _concat([kept, pd.DataFrame(rows) if rows else None], {"scan_id": []})
+        manifest = manifest.drop(columns=["primary", "primary_reason"], errors="ignore")
         manifest = manifest.sort_values("scan_id", ignore_index=True)
         if "scan_time" in manifest.columns:  # ISO text in the JSON rows -> a timestamp column (NaT: none)
             manifest["scan_time"] = pd.to_datetime(manifest["scan_time"], format="ISO8601")
+        if select is not None:
+            manifest = select(manifest)
+        slices = _concat(slices, {"scan_id": [], "slice_id": []})
+        self._write_parquet(
+            "slices.parquet", slices.sort_values(["scan_id"], kind="stable", ignore_index=True)
+        )
         self._write_parquet("manifest.parquet", manifest)
         return manifest
 
     def manifest(self) -> pd.DataFrame:
         return self._read_parquet("manifest.parquet")
+
+    def slices(self) -> pd.DataFrame:
+        """scan_id, slice_id (keyed SOPInstanceUID) of every DICOM slice of the committed scans."""
+        if not self.fs.exists(join(self.root, "slices.parquet")):
+            return pd.DataFrame({"scan_id": pd.Series(dtype=object), "slice_id": pd.Series(dtype=object)})
+        return self._read_parquet("slices.parquet")
 
     def write_quarantine(self, rows: list[dict[str, str]]) -> None:
         self._write_parquet("quarantine.parquet", pd.DataFrame(rows, columns=["path", "reason"]))
@@ -240,6 +257,11 @@ class SiteStore:
 
     def write_text(self, relpath: str, text: str) -> None:
         atomic_write(self.fs, join(self.root, relpath), text.encode())
+
+
+def _concat(frames: list, empty: dict) -> pd.DataFrame:
+    frames = [f for f in frames if f is not None and len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(empty)
 
 
 def load_volume(

@@ -111,8 +111,8 @@ def site_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def _site_size(site: SiteSpec, split: str) -> int:
-    return len(_scan_ids(site, split))
+def _site_size(site: SiteSpec, split: str, series: str) -> int:
+    return len(_scan_ids(site, split, series))
 
 
 def local_round(
@@ -126,7 +126,7 @@ def local_round(
 ) -> dict:
     """Train `fed.local_steps` steps of round `round_` (0-based) on `site`'s own scans, starting
     from the global `weights`; returns {"state": weights, "loss": mean loss}. Runs on the site's node."""
-    ids = _scan_ids(site, cfg.data.split)
+    ids = _scan_ids(site, cfg.data.split, cfg.data.series)
     if not ids:
         raise ValueError(f"site {site.name!r} ({site.uri}): no scans in split {cfg.data.split!r}")
     use_gpu = fed.gpus_per_site > 0 and torch.cuda.is_available()
@@ -202,9 +202,9 @@ def save_round(storage_path: str, name: str, storage, payload: dict, final_task=
 
 
 # -- the driver --------------------------------------------------------------------------------
-def site_sizes(sites: tuple[SiteSpec, ...], split: str) -> list[int]:
+def site_sizes(sites: tuple[SiteSpec, ...], split: str, series: str = "all") -> list[int]:
     """Training scans per site, each counted on the site's own nodes (only the count leaves)."""
-    sizes = [int(run_on_site(s, _site_size, s, split)) for s in sites]
+    sizes = [int(run_on_site(s, _site_size, s, split, series)) for s in sites]
     empty = [s.name for s, n in zip(sites, sizes, strict=True) if n == 0]
     if empty:
         raise ValueError(f"sites with no scans in split {split!r}: {empty}")
@@ -232,7 +232,7 @@ def run_federated(
 
     if not sites:
         raise ValueError("federated training needs at least one site")
-    sizes = site_sizes(tuple(sites), cfg.data.split)
+    sizes = site_sizes(tuple(sites), cfg.data.split, cfg.data.series)
     resolved, length = plan_run(cfg, fed, sizes)
     found = latest(storage_path, name, storage)
     if found is None:
