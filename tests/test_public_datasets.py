@@ -266,6 +266,19 @@ def test_cq500_as_published_ingests_picks_the_plain_thin_series_and_labels_it(cq
     assert "label rows for patients not in the manifest (ignored): 1" in ich["reasons"]
 
 
+def test_pretraining_can_draw_every_series_or_only_primary_ones(cq500):
+    from fmct_ray.data.source import DataConfig, make_plan
+    from fmct_ray.sites import SiteSpec
+
+    root, truth, _ = cq500
+    site = SiteSpec("C", str(root / "store"))
+    every, primary = (make_plan(DataConfig(sites=(site,), split="all", series=s)) for s in ("all", "primary"))
+    manifest = SiteStore(site.uri).manifest()
+    assert every.scan_ids == (tuple(sorted(manifest["scan_id"])),) and every.sizes == [3 * len(truth)]
+    assert primary.scan_ids == (tuple(sorted(manifest.loc[manifest["primary"], "scan_id"])),)
+    assert primary.sizes == [len(truth)]
+
+
 @pytest.mark.slow  # two larger fixtures ingested, embedded and probed on Ray Tune: about 4 minutes
 def test_a_probe_sweep_runs_over_both_public_datasets(tmp_path, ray_local, site_secret):
     """RSNA and CQ500 as published -> ingest -> labels with the shipped configs -> cached embeddings
@@ -312,3 +325,40 @@ def test_a_probe_sweep_runs_over_both_public_datasets(tmp_path, ray_local, site_
     preds = pd.concat(pd.read_parquet(p) for p in files)
     pairs = set(zip(preds["train_site"], preds["eval_site"], strict=True))
     assert pairs == {("R", "R"), ("R", "C"), ("C", "C"), ("C", "R")}  # external validation both ways
+
+
+# -- ingest at dataset scale ------------------------------------------------------------------------
+def test_identification_reads_only_the_header_of_each_file(tmp_path, real_data, monkeypatch):
+    """A 512 KiB real slice is identified from its first HEAD_BYTES; a header longer than that
+    (a 100 kB comment) is read whole; both give the keys that the whole file gives."""
+    import pydicom
+
+    from fmct_ray.ingest import pipeline
+
+    real = sorted((real_data / "invesalius_0051_dicom").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(real)
+    ds.ImageComments = "x" * 100_000  # (0020,4000): before the pixel data, past the head
+    long_header = tmp_path / "long.dcm"
+    ds.save_as(long_header)
+    reads = []
+
+    def spy(path, options, size=None):
+        data = read_bytes(path, options, size)
+        reads.append((Path(path).name, size, len(data)))
+        return data
+
+    read_bytes = pipeline.read_bytes
+    monkeypatch.setattr(pipeline, "read_bytes", spy)
+    identify = pipeline.Identify(SECRET.encode(), IngestConfig(), {})
+    paths = [str(real), str(long_header)]
+    out = identify({"path": np.array(paths), "rel": np.array(paths), "kind": np.array(["dicom"] * 2)})
+    assert list(out["error"]) == ["", ""] and out["scan_id"][0] == out["scan_id"][1]  # same series
+    head = pipeline.HEAD_BYTES
+    assert real.stat().st_size > 4 * head
+    assert reads == [
+        (real.name, head, head),
+        ("long.dcm", head, head),
+        ("long.dcm", None, long_header.stat().st_size),
+    ]
+    whole = pipeline.read_dicom_header(real.read_bytes(), str(real))
+    assert out["scan_id"][0] == pseudonym(SECRET.encode(), "scan", f"dicom:{whole['series_key']}")

@@ -45,6 +45,10 @@ from fmct_ray.ingest.store import INGEST_VERSION, SiteStore, StoreConfig
 from fmct_ray.storage import StorageConfig, StorageError, filesystem, is_local, storage_options
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Identification reads a DICOM file's first bytes only: a header ends where the pixel data element
+# (7FE0,0010; little endian) begins, usually within a few kB; a longer header is read whole.
+HEAD_BYTES = 64 * 1024
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
 @dataclass(frozen=True)
@@ -144,14 +148,23 @@ class Identify:
             out["patient_id"].append(pseudonym(self.secret, "patient", patient_key))
         return {k: np.asarray(v, dtype=object) for k, v in out.items()}
 
+    def _head(self, path: str) -> bytes:
+        """The file's first `HEAD_BYTES` (a ranged read on object storage), or all of it when its
+        header runs past them."""
+        retries = self.cfg.storage_retries
+        head = with_retries(lambda: read_bytes(path, self.options, HEAD_BYTES), f"input {path}", retries)
+        if len(head) == HEAD_BYTES and PIXEL_DATA_TAG not in head:
+            head = with_retries(lambda: read_bytes(path, self.options), f"input {path}", retries)
+        return head
+
     def _keys(self, path: str, rel: str, kind: str) -> tuple[str, str, str]:
         if kind == "nifti":
             match = re.search(self.cfg.patient_id_pattern, rel) if self.cfg.patient_id_pattern else None
             patient = match.group(1) if match else re.sub(r"\.nii(\.gz)?$", "", rel, flags=re.I)
             return f"nifti:{rel}", patient, ""
-        blob = with_retries(lambda: read_bytes(path, self.options), f"input {path}", self.cfg.storage_retries)
+        head = self._head(path)
         try:
-            header = read_dicom_header(blob, path)
+            header = read_dicom_header(head, path)
         except QuarantineError as err:
             return f"bad:{rel}", f"bad:{rel}", err.reason
         except Exception as err:  # noqa: BLE001 - any unreadable file is quarantined, not fatal
@@ -192,14 +205,15 @@ def storage_cause(err: BaseException | None, depth: int = 0) -> StorageError | N
     return None
 
 
-def read_bytes(path: str, options: dict[str, Any]) -> bytes:
+def read_bytes(path: str, options: dict[str, Any], size: int | None = None) -> bytes:
+    """The file's bytes, or its first `size` bytes (one ranged GET on object storage)."""
     if "://" in path:
         import fsspec
 
         protocol = path.split("://", 1)[0]
-        return fsspec.filesystem(protocol, **options).cat_file(path)
+        return fsspec.filesystem(protocol, **options).cat_file(path, start=0 if size else None, end=size)
     with open(path, "rb") as f:
-        return f.read()
+        return f.read(size if size else -1)
 
 
 # -- per-scan conversion (Ray tasks) --------------------------------------------------------------

@@ -25,6 +25,7 @@ series as acquired (median slice step, number of files) for the manifest; the gr
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -225,6 +226,23 @@ def _twelve_bit_wrap(ds: Any) -> bool:
     return bits == 12 and representation == 0 and intercept is not None and intercept > -100
 
 
+@contextlib.contextmanager
+def _lenient():
+    """pydicom without its value validation and warnings while a file is read: RSNA 2019's ids
+    (ID_<hex>) are not valid UIDs, and validating and logging each costs more than the parse; the
+    readers check the fields they use themselves."""
+    from pydicom import config
+
+    mode = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        config.settings.reading_validation_mode = mode
+
+
 def _parse_dicom(data: bytes, source: str, pixels: bool) -> Any:
     import pydicom
 
@@ -284,7 +302,8 @@ def read_dicom_header(data: bytes, source: str) -> dict[str, Any]:
     acquisition facts (`modality`, `slice_thickness`, `kvp`, `manufacturer`, rescale) and `times`
     (acquisition, series, study datetimes or None; identifying, see `series_time`).
     """
-    return _header_from_ds(_parse_dicom(data, source, pixels=False), source)
+    with _lenient():
+        return _header_from_ds(_parse_dicom(data, source, pixels=False), source)
 
 
 @dataclass(frozen=True)
@@ -423,14 +442,17 @@ def read_dicom_series(
     source = _series_source(files)
     if not files:
         raise QuarantineError("empty DICOM series", source)
-    datasets = [_parse_dicom(data, path, pixels=True) for path, data in files]
-    headers = [_header_from_ds(ds, path) for ds, (path, _) in zip(datasets, files, strict=True)]
-    _check_consistent(headers, source)
-    geo = slice_geometry(headers, max_gap_factor, source)
-    first = headers[geo.order[0]]
-    volume = np.empty((len(headers), first["rows"], first["columns"]), dtype=np.float32)  # [slice, row, col]
-    for k, i in enumerate(geo.order):
-        _slice_hu(datasets[i], headers[i], volume[k])
+    with _lenient():
+        datasets = [_parse_dicom(data, path, pixels=True) for path, data in files]
+        headers = [_header_from_ds(ds, path) for ds, (path, _) in zip(datasets, files, strict=True)]
+        _check_consistent(headers, source)
+        geo = slice_geometry(headers, max_gap_factor, source)
+        first = headers[geo.order[0]]
+        volume = np.empty(
+            (len(headers), first["rows"], first["columns"]), dtype=np.float32
+        )  # [slice, row, col]
+        for k, i in enumerate(geo.order):
+            _slice_hu(datasets[i], headers[i], volume[k])
     step = geo.step
     if not geo.uniform:
         volume, step = _to_uniform(volume, np.asarray(geo.positions))
