@@ -91,13 +91,17 @@ def write_folder(folder: Path, n: int) -> int:
     return -(-n // SLICES_PER_SERIES)
 
 
-def timed(fn):
-    tracemalloc.start()
+def timed(fn, trace: bool = False):
+    """(result, seconds, peak Python memory or None); timings never run under tracemalloc (it
+    slows allocation-heavy code several times over)."""
+    if trace:
+        tracemalloc.start()
     start = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - start
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    peak = tracemalloc.get_traced_memory()[1] if trace else None
+    if trace:
+        tracemalloc.stop()
     return out, seconds, peak
 
 
@@ -159,14 +163,18 @@ def main() -> None:
         size = sum(f.stat().st_size for f in list(folder.iterdir())[:100]) / 100
         print(f"wrote {args.files} files ({size / 1024:.1f} KiB each), {series} series "
               f"in {time.perf_counter() - start:.0f} s")  # fmt: skip
-        files, seconds, peak = timed(lambda: discover(str(folder), StorageConfig()))
+        files, seconds, _ = timed(lambda: discover(str(folder), StorageConfig()))
+        _, _, peak = timed(lambda: discover(str(folder), StorageConfig()), trace=True)
         print(f"discovery: {len(files) / seconds:,.0f} files/s; driver file list {peak / 2**20:.1f} MiB "
               f"({peak / len(files):.0f} B per file)")  # fmt: skip
-        for n in (len(files) // 10, len(files)):
-            (ids, read), seconds, peak = timed(lambda n=n: identify_all(files[:n]))
-            print(f"identification of {n} files, one core: {n / seconds:,.0f} files/s per core; "
-                  f"{read / n / 1024:.1f} KiB read per file (head {HEAD_BYTES // 1024} KiB); "
-                  f"{len(ids)} series; peak Python memory {peak / 2**20:.1f} MiB")  # fmt: skip
+        (ids, read), seconds, _ = timed(lambda: identify_all(files))
+        n = len(files)
+        print(f"identification of {n} files, one core: {n / seconds:,.0f} files/s per core; "
+              f"{read / len(files) / 1024:.1f} KiB read per file (head {HEAD_BYTES // 1024} KiB); "
+              f"{len(ids)} series")  # fmt: skip
+        for n in (len(files) // 100, len(files) // 10):
+            _, _, peak = timed(lambda n=n: identify_all(files[:n]), trace=True)
+            print(f"  peak Python memory of identifying {n} files: {peak / 2**20:.2f} MiB")
         groups, seconds = grouping(files)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"Ray Data identify -> groupby(scan_id) on {os.cpu_count()} cores: "

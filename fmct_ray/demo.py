@@ -27,6 +27,7 @@ import numpy as np
 from fmct_ray import config as config_lib
 from fmct_ray import study
 from fmct_ray.ingest import SiteStore
+from fmct_ray.sites import SiteSpec
 from fmct_ray.study import StudyConfig
 from fmct_ray.synthetic import ingest_synthetic_sites
 
@@ -137,7 +138,7 @@ def stage_probe(out: Path) -> None:
         None,
         [f"backbone.path={_backbone(out)}", "view.size=32", "tokens=true", "actors=2", "cpus_per_actor=0.5"],
     )
-    n = extract_embeddings(ecfg, launch.stores, launch.embeddings)
+    n = extract_embeddings(ecfg, [SiteSpec(n, u) for n, u in launch.stores.items()], launch.embeddings)
     print(f"== embeddings of {n} scans: {launch.embeddings}")
     recipe = ROOT / "configs/finetune/debug_tiny.yaml"
     probes = run_finetune_sweep(config_lib.load(FinetuneConfig, recipe, ["sweep.shots=[0, 4]"]), launch)

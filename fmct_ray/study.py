@@ -167,8 +167,9 @@ def backbones(cfg: StudyConfig, out: Path) -> dict[str, dict]:
 def stage_embed(cfg: StudyConfig, out: Path, log=echo) -> None:
     from fmct_ray.data.embed import BackboneConfig, EmbedConfig, extract_embeddings
     from fmct_ray.data.views import ViewConfig
+    from fmct_ray.sites import SiteSpec
 
-    stores = {"eval": str(data_dir(cfg, out) / "stores" / "eval")}
+    sites = [SiteSpec("eval", str(data_dir(cfg, out) / "stores" / "eval"))]
     for name, fields in backbones(cfg, out).items():
         ecfg = EmbedConfig(
             backbone=BackboneConfig(**fields),
@@ -178,7 +179,7 @@ def stage_embed(cfg: StudyConfig, out: Path, log=echo) -> None:
             cpus_per_actor=0.5,
         )
         n = extract_embeddings(
-            ecfg, stores, str(out / "embeddings" / f"{name}.parquet"), splits=("train", "test")
+            ecfg, sites, str(out / "embeddings" / f"{name}.parquet"), splits=("train", "test")
         )
         log(f"== embeddings {name}: {n} scans")
 

@@ -55,8 +55,7 @@ def main() -> None:
             actors=args.actors,
             gpus_per_actor=args.gpus_per_actor,
         )
-        stores = {s.name: s.uri for s in sites_from_args(args)}
-        print(f"embedded {extract_embeddings(ecfg, stores, args.out)} scans -> {args.out}")
+        print(f"embedded {extract_embeddings(ecfg, sites_from_args(args), args.out)} scans -> {args.out}")
         return
     frame = run_finetune_sweep(cfg, launch_from_args(args))
     print(frame.filter(regex="run/|val_auroc").to_string(index=False))

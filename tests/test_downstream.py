@@ -28,6 +28,7 @@ from fmct_ray.downstream.tune import (
 from fmct_ray.eval.attention import attention_distance, patch_distances
 from fmct_ray.eval.report import ReportConfig, write_report
 from fmct_ray.models import create_model, save_backbone
+from fmct_ray.sites import SiteSpec
 from fmct_ray.synthetic import ingest_synthetic_sites
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +145,8 @@ def test_probe_sweep_scratch_sweep_and_report(study, ray_local, tuned_backbone, 
     # its mean patch token at 64^3 separates hydrocephalus (in-domain test AUROC 1.0 for 3 backbone
     # x 2 probe seeds); its CLS token (0.84-1.0) and 32^3 views (<= 0.78) do not reliably.
     ecfg = C.load(EmbedConfig, None, [*FROZEN, "tokens=true", "actors=2", "cpus_per_actor=0.5"])
-    assert extract_embeddings(ecfg, stores, str(root / "emb.parquet")) == sum(SITES.values())
+    sites = [SiteSpec(name, uri) for name, uri in stores.items()]
+    assert extract_embeddings(ecfg, sites, str(root / "emb.parquet")) == sum(SITES.values())
     assert {"cls", "patch_mean", "tokens"} <= set(load_embeddings(str(root / "emb.parquet")).columns)
     launch = SweepLaunch(
         name="study",

@@ -20,6 +20,7 @@ from fmct_ray.ingest.privacy import pseudonym
 from fmct_ray.ingest.readers import read_dicom_series
 from fmct_ray.ingest.series import SeriesSelection, select_primary
 from fmct_ray.ingest.store import SiteStore
+from fmct_ray.sites import SiteSpec
 from fmct_ray.synthetic import synthetic_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,7 +269,6 @@ def test_cq500_as_published_ingests_picks_the_plain_thin_series_and_labels_it(cq
 
 def test_pretraining_can_draw_every_series_or_only_primary_ones(cq500):
     from fmct_ray.data.source import DataConfig, make_plan
-    from fmct_ray.sites import SiteSpec
 
     root, truth, _ = cq500
     site = SiteSpec("C", str(root / "store"))
@@ -308,7 +308,8 @@ def test_a_probe_sweep_runs_over_both_public_datasets(tmp_path, ray_local, site_
     pd.concat(tables).to_parquet(tmp_path / "labels.parquet", index=False)
     ecfg = C.load(EmbedConfig, None, ["backbone.preset=vit3d_tiny", "view.size=32", "patch_mean=true"])
     written = 12 + 3 * 12  # RSNA: 2 of 14 series quarantined
-    assert extract_embeddings(ecfg, stores, str(tmp_path / "emb.parquet")) == written
+    sites = [SiteSpec(name, uri) for name, uri in stores.items()]
+    assert extract_embeddings(ecfg, sites, str(tmp_path / "emb.parquet")) == written
     launch = SweepLaunch(
         name="public",
         storage_path=str(tmp_path / "runs"),

@@ -382,3 +382,29 @@ def test_the_data_path_reads_each_site_on_its_node(two_nodes):
     for tag, root in roots.items():
         assert reads_of(audit, root), f"no reads of site {tag} recorded"
         assert misplaced(audit, root, tag, nodes[tag]) == []
+
+
+@pytest.mark.slow  # about 25 s: two embedding actor pools on 2 single-CPU nodes
+def test_embeddings_read_each_site_on_its_node(two_nodes, tmp_path):
+    """`extract_embeddings` (the embedding job): each pinned site's manifest is listed and its
+    volumes embedded on its own node; the driver gets ids and embeddings, and reads no byte."""
+    from fmct_ray.data.embed import BackboneConfig, EmbedConfig, extract_embeddings, load_embeddings
+    from fmct_ray.data.views import ViewConfig
+
+    nodes, audit, stores = two_nodes
+    roots = {tag: alias(stores, tag, f"{tag}_embed") for tag in nodes}
+    sites = [SiteSpec(tag, f"audit://{roots[tag]}", resource=f"site_{tag.lower()}") for tag in nodes]
+    cfg = EmbedConfig(
+        backbone=BackboneConfig(preset="vit3d_tiny"),
+        view=ViewConfig(size=32),
+        batch_size=2,
+        cpus_per_actor=0.5,
+    )
+    assert extract_embeddings(cfg, sites, str(tmp_path / "emb.parquet"), splits=("train",)) == 6
+    frame = load_embeddings(str(tmp_path / "emb.parquet"))
+    assert sorted(frame["site"]) == ["A"] * 3 + ["B"] * 3
+    for tag, root in roots.items():
+        assert len(reads_of(audit, root)) >= 1 + 3, f"the audit must see site {tag}'s manifest and volumes"
+        assert misplaced(audit, root, tag, nodes[tag]) == []
+    pids = {e["pid"] for e in reads_of(audit, roots["A"]) + reads_of(audit, roots["B"])}
+    assert os.getpid() not in pids, "the driver read a pinned store"

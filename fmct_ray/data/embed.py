@@ -1,12 +1,12 @@
 """Frozen-backbone embeddings, extracted once with a Ray Data batch job and cached as Parquet.
 
 Probes on a frozen backbone need the backbone's forward pass once per scan, not once per epoch,
-trial and seed. `extract_embeddings` lists the scans of the site manifests on the driver, and an
-actor pool (`Embedder`, a callable class for `map_batches`, one GPU per actor when there are GPUs)
-reads each volume, cuts the evaluation view, windows it and runs the backbone; the driver streams
-the rows into one Parquet file: scan_id, patient_id, site, split, `cls` (D floats),
-optionally `patch_mean` (mean of the patch tokens) and `tokens` ((1 + N) x D, CLS first, float16,
-for attentive probes).
+trial and seed. `extract_embeddings` lists the scans of the site manifests (a pinned site's on its
+own nodes), and an actor pool per site resource (`Embedder`, a callable class for `map_batches`,
+one GPU per actor when there are GPUs) reads each volume, cuts the evaluation view, windows it and
+runs the backbone; the driver streams the rows into one Parquet file: scan_id, patient_id, site,
+split, `cls` (D floats), optionally `patch_mean` (mean of the patch tokens) and `tokens`
+((1 + N) x D, CLS first, float16, for attentive probes).
 
 `Embedder` itself has no Ray in it and is tested directly; Ray is imported inside
 `extract_embeddings` only, so that `fmct_ray.eval` stays importable without Ray.
@@ -14,6 +14,7 @@ for attentive probes).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 from fmct_ray.data.views import ViewConfig, ViewLoader, to_model_input
 from fmct_ray.models import create_model, load_backbone
 from fmct_ray.models.vit3d import VisionTransformer3D
+from fmct_ray.sites import SiteSpec
 from fmct_ray.storage import StorageConfig, filesystem
 
 
@@ -128,44 +130,67 @@ def _arrow_batch(batch: dict[str, np.ndarray]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(cols)
 
 
+def _site_scans(site: SiteSpec, splits: tuple[str, ...]) -> pd.DataFrame:
+    """scan_id, patient_id, site, split of the site's scans of `splits` (pseudonymous ids only:
+    what may leave a pinned site's nodes)."""
+    from fmct_ray.ingest.store import SiteStore
+
+    table = scan_table({site.name: SiteStore(site.uri, site.storage).manifest()})
+    return table[table["split"].isin(splits)]
+
+
 def extract_embeddings(
     cfg: EmbedConfig,
-    stores: dict[str, str],
+    sites: Sequence[SiteSpec],
     out_uri: str,
-    storage: dict[str, StorageConfig] | None = None,
     out_storage: StorageConfig | None = None,
     splits: tuple[str, ...] = ("train", "val", "test"),
 ) -> int:
-    """Embed every scan of `splits` of the site stores into the Parquet file `out_uri`; returns rows.
+    """Embed every scan of `splits` of the sites' stores into the Parquet file `out_uri`; returns rows.
+
+    A site pinned to its nodes (`SiteSpec.resource`) has its manifest read and its volumes embedded
+    only there: its scan list comes from a task on its nodes (`run_on_site`), and its scans go to an
+    actor pool of their own (`cfg.actors` actors) that asks for the site's resource. Only the
+    embeddings and pseudonymous ids reach the driver.
 
     Args:
         cfg: backbone, view and actor pool.
-        stores: site name -> store URI.
+        sites: the sites (name, store URI, credentials reference, resource).
         out_uri: Parquet file (local or s3://).
-        storage: site name -> credentials reference of its store.
         out_storage: credentials reference of the output.
         splits: manifest splits to embed.
     """
     import ray
 
-    from fmct_ray.ingest.store import SiteStore
+    from fmct_ray.sites import remote_args, run_on_site
 
-    storage = storage or {}
-    manifests = {s: SiteStore(uri, storage.get(s)).manifest() for s, uri in stores.items()}
-    table = scan_table(manifests)
-    table = table[table["split"].isin(splits)]
-    if table.empty:
-        raise ValueError(f"no scans of splits {splits} in stores {stores}")
-    blocks = max(1, min(len(table) // cfg.batch_size, 4 * cfg.actors))  # enough blocks to feed every actor
-    ds = ray.data.from_items(table.to_dict("records"), override_num_blocks=blocks).map_batches(
-        Embedder,
-        fn_constructor_kwargs={"cfg": cfg, "stores": stores, "storage": storage},
-        batch_size=cfg.batch_size,
-        concurrency=cfg.actors,
-        num_gpus=cfg.gpus_per_actor,
-        num_cpus=cfg.cpus_per_actor,
-        batch_format="numpy",
-    )
+    tables = {s.name: run_on_site(s, _site_scans, s, splits) for s in sites}
+    if sum(len(t) for t in tables.values()) == 0:
+        raise ValueError(f"no scans of splits {splits} in stores {[s.uri for s in sites]}")
+    pools = {}  # one actor pool per resource: a pinned site's reads stay on its nodes
+    for site in sites:
+        pools.setdefault(site.resource, []).append(site)
+    parts = []
+    for group in pools.values():
+        table = pd.concat([tables[s.name] for s in group], ignore_index=True)
+        if table.empty:
+            continue
+        blocks = max(1, min(len(table) // cfg.batch_size, 4 * cfg.actors))  # enough to feed every actor
+        stores = {s.name: s.uri for s in group}
+        storage = {s.name: s.storage for s in group}
+        parts.append(
+            ray.data.from_items(table.to_dict("records"), override_num_blocks=blocks).map_batches(
+                Embedder,
+                fn_constructor_kwargs={"cfg": cfg, "stores": stores, "storage": storage},
+                batch_size=cfg.batch_size,
+                concurrency=cfg.actors,
+                num_gpus=cfg.gpus_per_actor,
+                num_cpus=cfg.cpus_per_actor,
+                batch_format="numpy",
+                **remote_args(group[0]),
+            )
+        )
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     fs, path = filesystem(out_uri, out_storage)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     rows, writer = 0, None
