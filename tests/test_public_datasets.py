@@ -59,6 +59,8 @@ def test_the_primary_series_follows_the_policy_and_says_why():
     assert "every series matches an exclude pattern" in got.loc["g", "primary_reason"]
     assert got.loc["h", "primary_reason"] == "the only series of its study"
     assert got.loc["b", "primary_reason"].startswith("not chosen: series c is")
+    older = select_primary(pd.DataFrame({"scan_id": ["x", "y"]}), policy)  # manifests of older ingests
+    assert older["primary"].all() and (older["primary_reason"] == "the only series of its study").all()
 
 
 # -- label adapters ---------------------------------------------------------------------------------

@@ -79,10 +79,10 @@ def select_primary(manifest: pd.DataFrame, policy: SeriesSelection) -> pd.DataFr
     study = study.where(study.notna(), m["scan_id"])
     excluded = _flag(m, "series_excluded")
     preferred = _flag(m, "series_preferred")
-    thickness = pd.to_numeric(m.get("slice_thickness"), errors="coerce")
+    thickness = _number(m, "slice_thickness")
     lo, hi = policy.thickness_mm
     in_range = thickness.isna() | thickness.between(lo, hi)
-    slices = pd.to_numeric(m.get("n_slices"), errors="coerce").fillna(0).astype(int)
+    slices = _number(m, "n_slices").fillna(0).astype(int)
     m["primary"], m["primary_reason"] = False, ""
     for _, rows in m.groupby(study, sort=False).groups.items():
         rank = sorted(
@@ -96,6 +96,12 @@ def select_primary(manifest: pd.DataFrame, policy: SeriesSelection) -> pd.DataFr
         m.at[best, "primary"] = True
         m.at[best, "primary_reason"] = _reason(best, rows, excluded, in_range, preferred, slices, policy)
     return m
+
+
+def _number(m: pd.DataFrame, column: str) -> pd.Series:
+    """A numeric column; all missing where the manifest lacks it (rows of an older ingest)."""
+    values = m[column] if column in m.columns else pd.Series(None, index=m.index, dtype=float)
+    return pd.to_numeric(values, errors="coerce")
 
 
 def _flag(m: pd.DataFrame, column: str) -> pd.Series:
