@@ -251,6 +251,7 @@ def test_rsna_as_published_ingests_and_labels_per_series(rsna, site_secret):
     assert (root / "labels" / "label_report.md").exists()
 
 
+@pytest.mark.slow  # 12 series ingested, about 40 s; the default tier keeps the RSNA fixture
 def test_cq500_as_published_ingests_picks_the_plain_thin_series_and_labels_it(cq500, site_secret):
     root, truth, summary = cq500
     assert summary["written"] == 3 * len(truth) and summary["quarantined"] == 0
@@ -269,6 +270,7 @@ def test_cq500_as_published_ingests_picks_the_plain_thin_series_and_labels_it(cq
     assert "label rows for patients not in the manifest (ignored): 1" in ich["reasons"]
 
 
+@pytest.mark.slow  # on the CQ500 fixture
 def test_pretraining_can_draw_every_series_or_only_primary_ones(cq500):
     from fmct_ray.data.source import DataConfig, make_plan
 
