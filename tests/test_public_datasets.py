@@ -168,6 +168,25 @@ def test_cq500_reads_combine_per_study_onto_its_primary_series(site_secret):
     assert via.set_index("scan_id").loc["p1a", "ICH"] == 1  # a copy whose PatientID has no hyphens
 
 
+def test_a_patient_listed_twice_with_different_reads_is_missing_and_reported(site_secret):
+    manifest = pd.DataFrame(
+        {
+            "scan_id": ["a", "b"],
+            "patient_id": [pseudonym(SECRET.encode(), "patient", n) for n in ("CQ500-CT-1", "CQ500-CT-2")],
+            "primary": [True, True],
+        }
+    )
+    table = pd.concat(
+        [cq500_reads({"CQ500-CT-1": [1, 1, 1], "CQ500-CT-2": [0, 0, 0]})] * 2, ignore_index=True
+    )
+    table.loc[2, ["R1:ICH", "R2:ICH", "R3:ICH"]] = 0  # CQ500-CT-1 again, now negative
+    labels, report = join_public_labels(table, manifest, labels_cfg("cq500"), "reads.csv")
+    got = labels.set_index("scan_id")["ICH"]
+    assert pd.isna(got["a"]) and got["b"] == 0  # a duplicate that agrees is kept
+    reasons = {(r["task"], r["reason"]): r["scans"] for r in report.rows}
+    assert reasons[("ICH", "patients with contradictory rows")] == 1
+
+
 # -- header quirks ----------------------------------------------------------------------------------
 def test_rsnas_twelve_bit_slices_read_as_the_same_hounsfield_units():
     import pydicom

@@ -240,7 +240,7 @@ def derive_ehr_labels(
         labels[task] = col
         report.add(task, "no scan time", no_time.sum())
         report.add(task, "patient has no EHR records", (no_records & ~no_time).sum())
-    return _drop_duplicate_scans(labels, list(cfg.tasks), report)
+    return _drop_duplicates(labels, list(cfg.tasks), report)
 
 
 def _collapse(values: pd.Series):
@@ -249,15 +249,22 @@ def _collapse(values: pd.Series):
     return distinct[0] if len(distinct) == 1 else pd.NA
 
 
-def _drop_duplicate_scans(labels: pd.DataFrame, tasks: list[str], report: LabelReport):
-    """A scan listed twice (e.g. two scan times) whose labels disagree is contradictory -> missing."""
-    dup = labels["scan_id"].duplicated(keep=False)
+def _drop_duplicates(
+    labels: pd.DataFrame,
+    tasks: list[str],
+    report: LabelReport,
+    key: str = "scan_id",
+    reason: str = "contradictory rows for the same scan",
+):
+    """One row per `key`: an id listed twice (a scan with two scan times; a slice or patient twice
+    in a label file) whose labels disagree is contradictory -> missing, counted under `reason`."""
+    dup = labels[key].duplicated(keep=False)
     if not dup.any():
         return labels.reset_index(drop=True), report
-    groups = labels[dup].groupby("scan_id", sort=False)
+    groups = labels[dup].groupby(key, sort=False)
     for t in tasks:
-        report.add(t, "contradictory rows for the same scan", (groups[t].nunique() > 1).sum())
-    out = labels.groupby("scan_id", sort=False)[tasks].agg(_collapse).reset_index()
+        report.add(t, reason, (groups[t].nunique() > 1).sum())
+    out = labels.groupby(key, sort=False)[tasks].agg(_collapse).reset_index()
     for t in tasks:
         out[t] = out[t].astype("Int8")
     return out, report
@@ -307,17 +314,6 @@ def rsna_wide(table: pd.DataFrame, what: str) -> pd.DataFrame:
         lambda v: v.iloc[0] if v.nunique(dropna=False) == 1 else CONTRADICTED
     )
     return wide.unstack("subtype").reset_index()
-
-
-def _unique_ids(ids: np.ndarray, values: dict, report: LabelReport, what: str) -> pd.DataFrame:
-    """One row per id; an id whose rows disagree on a task is missing for it (reported)."""
-    rows = pd.DataFrame({"id": ids, **values})
-    if not rows["id"].duplicated().any():
-        return rows
-    groups = rows.groupby("id", sort=False)
-    for task in values:
-        report.add(task, f"{what} with contradictory rows", (groups[task].nunique() > 1).sum())
-    return groups[list(values)].agg(_collapse).astype(float).reset_index()
 
 
 def _values(table: pd.DataFrame, column: str, cfg: LabelConfig) -> np.ndarray:
@@ -370,16 +366,17 @@ def join_public_labels(
         contradicted = (values[task] == CONTRADICTED) & known
         report.add(task, "contradictory rows for the same slice", contradicted.sum())
         values[task] = np.where(values[task] >= 0, values[task], np.nan)
+    frame = pd.DataFrame({"id": ids, **{t: pd.Series(v).astype("Int8") for t, v in values.items()}})
     if cfg.id_kind == "dicom_slice":
-        frame = _per_series(ids, values, slices, report)
+        frame = _per_series(frame, slices, report)
     elif cfg.id_kind == "patient":
-        frame = _per_study(ids, values, manifest, report)
+        frame = _per_study(frame, manifest, report)
     else:
-        frame = pd.DataFrame({"scan_id": ids, **{t: pd.Series(v).astype("Int8") for t, v in values.items()}})
+        frame = frame.rename(columns={"id": "scan_id"})
         for task in columns:
             report.add(task, "empty cell", (frame[task].isna().to_numpy() & known).sum())
             report.add(task, "label rows for scans not in the manifest (ignored)", (~known).sum())
-        frame, report = _drop_duplicate_scans(frame[known], list(columns), report)
+        frame, report = _drop_duplicates(frame[known], list(columns), report)
     for task in columns:
         report.add(task, "no row in the label file", (~manifest["scan_id"].isin(set(frame["scan_id"]))).sum())
     labels = manifest[["scan_id"]].merge(frame, on="scan_id", how="left")
@@ -388,29 +385,31 @@ def join_public_labels(
     return _check_includes(labels, cfg, report), report
 
 
-def _per_series(ids, values, slices: pd.DataFrame, report: LabelReport) -> pd.DataFrame:
-    """Slice labels -> series labels: any positive slice; else negative when every slice of the
-    series is labelled; else missing."""
-    rows = _unique_ids(ids, values, report, "slices")
+def _per_series(rows: pd.DataFrame, slices: pd.DataFrame, report: LabelReport) -> pd.DataFrame:
+    """Slice labels (`rows`: id = slice id, one Int8 column per task) -> series labels: any
+    positive slice; else negative when every slice of the series is labelled; else missing."""
+    tasks = [c for c in rows.columns if c != "id"]
+    rows, _ = _drop_duplicates(rows, tasks, report, "id", "slices with contradictory rows")
     known = set(slices["slice_id"])
     merged = slices.merge(rows, left_on="slice_id", right_on="id", how="inner")
     labelled = merged.groupby("scan_id")
     n = slices[slices["scan_id"].isin(set(merged["scan_id"]))].groupby("scan_id").size()
     frame = pd.DataFrame(index=n.index)
-    for task in values:
+    for task in tasks:
         report.add(task, "label rows for slices not in the store (ignored)", (~rows["id"].isin(known)).sum())
-        positive, count = labelled[task].max().reindex(n.index), labelled[task].count().reindex(n.index)
-        frame[task] = np.where(positive == 1, 1.0, np.where(count == n, 0.0, np.nan))
-        partial = (positive != 1) & (count < n)
-        report.add(task, "series with slices unlabelled and none positive", partial.sum())
-    return frame.rename_axis("scan_id").reset_index().astype({t: "Int8" for t in values})
+        positive = labelled[task].max().reindex(n.index).eq(1).fillna(False).to_numpy(bool)
+        complete = labelled[task].count().reindex(n.index).to_numpy() == n.to_numpy()
+        frame[task] = np.where(positive, 1.0, np.where(complete, 0.0, np.nan))
+        report.add(task, "series with slices unlabelled and none positive", (~positive & ~complete).sum())
+    return frame.rename_axis("scan_id").reset_index().astype({t: "Int8" for t in tasks})
 
 
-def _per_study(ids, values, manifest: pd.DataFrame, report: LabelReport) -> pd.DataFrame:
-    """Patient labels -> the primary series of the patient's one study (a patient with several
-    studies cannot be placed: missing)."""
-    tasks = list(values)
-    rows = _unique_ids(ids, values, report, "patients").rename(columns={"id": "patient_id"})
+def _per_study(rows: pd.DataFrame, manifest: pd.DataFrame, report: LabelReport) -> pd.DataFrame:
+    """Patient labels (`rows`: id = patient id, one Int8 column per task) -> the primary series of
+    the patient's one study (a patient with several studies cannot be placed: missing)."""
+    tasks = [c for c in rows.columns if c != "id"]
+    rows, _ = _drop_duplicates(rows, tasks, report, "id", "patients with contradictory rows")
+    rows = rows.rename(columns={"id": "patient_id"})
     m = manifest.assign(primary=manifest["primary"] if "primary" in manifest.columns else True)
     studies = m.assign(study=m.get("study_id", m["scan_id"]).fillna(m["scan_id"]))
     n_studies = studies.groupby("patient_id")["study"].nunique()
@@ -424,7 +423,7 @@ def _per_study(ids, values, manifest: pd.DataFrame, report: LabelReport) -> pd.D
         report.add(task, "empty or tied reads", (joined[task].isna().to_numpy() & ~several).sum())
         report.add(task, "patient has several studies: the read cannot be placed", several.sum())
         report.add(task, "not the primary series of its study (study-level labels)", not_primary.sum())
-        joined.loc[several, task] = np.nan
+        joined.loc[several, task] = pd.NA
     return joined[["scan_id", *tasks]].astype({t: "Int8" for t in tasks})
 
 

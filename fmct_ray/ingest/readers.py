@@ -217,12 +217,11 @@ def _joined(ds: Any, keyword: str) -> str | None:
     return "\\".join(str(v).strip() for v in value) or None
 
 
-def _twelve_bit_wrap(ds: Any) -> bool:
+def _twelve_bit_wrap(ds: Any, intercept: float | None) -> bool:
     """RSNA 2019's known header quirk: 12-bit two's-complement pixels flagged unsigned
     (PixelRepresentation 0) with a RescaleIntercept near 0 instead of about -1000, so that air reads
     about +3096. The dataset's standard correction (`_slice_hu`) applies to exactly these slices."""
     bits, representation = _first(ds, "BitsStored"), _first(ds, "PixelRepresentation")
-    intercept = _first(ds, "RescaleIntercept")
     return bits == 12 and representation == 0 and intercept is not None and intercept > -100
 
 
@@ -270,6 +269,7 @@ def _header_from_ds(ds: Any, source: str) -> dict[str, Any]:
     if min(geometry["pixel_spacing"]) <= 0:
         raise QuarantineError(f"zero or negative PixelSpacing {geometry['pixel_spacing']}", source)
     frames = _first(ds, "NumberOfFrames")
+    intercept = _first(ds, "RescaleIntercept")
     return {
         **geometry,
         "rows": int(geometry["rows"]),
@@ -280,7 +280,7 @@ def _header_from_ds(ds: Any, source: str) -> dict[str, Any]:
         "instance_key": _text(ds, "SOPInstanceUID"),
         "kernel": _joined(ds, "ConvolutionKernel"),
         "description": _text(ds, "SeriesDescription"),
-        "twelve_bit_wrap": _twelve_bit_wrap(ds),
+        "twelve_bit_wrap": _twelve_bit_wrap(ds, intercept),
         "instance_number": _first(ds, "InstanceNumber"),
         "number_of_frames": int(frames) if frames else 1,
         "modality": _text(ds, "Modality"),
@@ -288,7 +288,7 @@ def _header_from_ds(ds: Any, source: str) -> dict[str, Any]:
         "kvp": _first(ds, "KVP"),
         "manufacturer": _text(ds, "Manufacturer"),
         "rescale_slope": _first(ds, "RescaleSlope") or 1.0,
-        "rescale_intercept": _first(ds, "RescaleIntercept") or 0.0,
+        "rescale_intercept": intercept or 0.0,
         "times": header_times(ds),
         "source": source,
     }
@@ -448,9 +448,8 @@ def read_dicom_series(
         _check_consistent(headers, source)
         geo = slice_geometry(headers, max_gap_factor, source)
         first = headers[geo.order[0]]
-        volume = np.empty(
-            (len(headers), first["rows"], first["columns"]), dtype=np.float32
-        )  # [slice, row, col]
+        shape = (len(headers), first["rows"], first["columns"])  # [slice, row, col]
+        volume = np.empty(shape, dtype=np.float32)
         for k, i in enumerate(geo.order):
             _slice_hu(datasets[i], headers[i], volume[k])
     step = geo.step
