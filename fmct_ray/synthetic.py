@@ -18,6 +18,12 @@ Findings (`Findings`) are planted with graded difficulty:
   CSF rim of 2-5 mm, widened cortical sulci (CSF in 12-33% of the outer cortex) and ventricles
   enlarged ex vacuo 1.09-1.35x (`atrophy_severity` is the continuous target).
 
+Targets beyond the labels (issue 12's task categories), from the same draws: continuous values
+(`ventricle_ml`, `lesion_ml`, `midline_shift_mm`, `atrophy_severity`), a survival time that
+depends on the findings, with censoring (`survival=True`: `draw_survival`), the largest lesion's
+centre as a point in the grid's frame (`lesion_{x,y,z}_mm`, `head_to_grid`) and a label volume
+(`render_head`, `masks=True`: 1 the lateral ventricles, 2 the hemorrhage; `MASK_CLASSES`).
+
 Coordinates are RAS millimetres (axis 0 points to the patient's right, so the left hemisphere is at
 negative x relative to the head's midline). Everything is a function of a numpy Generator.
 
@@ -43,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 FINDINGS = ("hemorrhage", "hydrocephalus", "hemorrhage_left", "midline_shift", "atrophy")
+MASK_CLASSES = ("background", "ventricles", "hemorrhage")  # the label volume's values 0, 1, 2
 ROOT = Path(__file__).resolve().parents[1]
 AIR = -1000.0
 CSF = 6.0
@@ -155,6 +162,23 @@ def _smooth_field(rng: np.random.Generator, shape: Sequence[int], cells: int = 1
     return F.interpolate(coarse, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
 
 
+def _fit(shape: Sequence[int], spacing: Sequence[float], anatomy: Anatomy) -> float:
+    """The head's scale on the grid: 1, or less where the grid is too small for it (tests)."""
+    extent = np.asarray(shape) * np.asarray(spacing)
+    return min(1.0, float(np.min(0.92 * extent / (2 * np.asarray(anatomy.radii)))))
+
+
+def head_to_grid(
+    point: Sequence[float], anatomy: Anatomy, shape: Sequence[int], spacing: Sequence[float]
+) -> np.ndarray:
+    """Where a head-frame point (mm, before pose) lies in the grid's own frame: voxel index times
+    spacing, in mm (for `write_store`'s 224^3 1 mm heads, the stored RAS 1 mm frame)."""
+    c, s = np.cos(np.radians(anatomy.yaw_deg)), np.sin(np.radians(anatomy.yaw_deg))
+    u = np.array([c * point[0] - s * point[1], s * point[0] + c * point[1], point[2]])  # undo the yaw
+    n, sp = np.asarray(shape, float), np.asarray(spacing, float)
+    return ((u + anatomy.shift) * _fit(shape, spacing, anatomy) / sp + (n - 1) / 2) * sp
+
+
 def synthetic_head(
     rng: np.random.Generator,
     shape: Sequence[int] = (224, 224, 224),
@@ -165,10 +189,21 @@ def synthetic_head(
     """Float32 HU volume on a RAS grid (axes R, A, S) of `shape` voxels of `spacing` mm, the head
     centred (plus the anatomy's shift). Defaults: a fresh random anatomy, no findings. A grid
     smaller than the head (tests) scales the head to fit."""
+    return render_head(rng, shape, spacing, anatomy, findings)[0]
+
+
+def render_head(
+    rng: np.random.Generator,
+    shape: Sequence[int] = (224, 224, 224),
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    anatomy: Anatomy | None = None,
+    findings: Findings | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`synthetic_head` and its label volume (uint8, `MASK_CLASSES`: 0 elsewhere, 1 the lateral
+    ventricles, 2 the hemorrhage lesions), drawn from the same generator calls."""
     anatomy = anatomy or draw_anatomy(rng)
     findings = findings or Findings()
-    extent = np.asarray(shape) * np.asarray(spacing)
-    fit = min(1.0, float(np.min(0.92 * extent / (2 * np.asarray(anatomy.radii)))))  # small test grids
+    fit = _fit(shape, spacing, anatomy)
     axes = [
         (np.arange(n, dtype=np.float32) - (n - 1) / 2) * s / fit - d  # the shift scales with the head
         for n, s, d in zip(shape, spacing, anatomy.shift, strict=True)
@@ -202,20 +237,45 @@ def synthetic_head(
         side, thick = findings.shift_side, findings.shift_mm / 0.6
         lateral = np.clip(side * x / a[0], 0, None) * (z > -0.4 * a[2])
         hu[brain & (r > inner - 0.03 - thick * lateral / min(a))] = findings.hematoma_hu
+    label = np.zeros(r.shape, np.uint8)
     vs = ventricle_scale(anatomy, findings)
     mid = -findings.shift_side * findings.shift_mm  # the midline structures, pushed away from it
     for side in (-1, 1):  # two lateral ventricles either side of the midline
         cx = mid + side * 5 * vs
         sl, xs, ys, zs = region((cx, 0.0, 8.0), 23 * vs)
         vr = ((xs - cx) / (5 * vs)) ** 2 + (ys / (22 * vs)) ** 2 + ((zs - 8) / (10 * vs)) ** 2
-        hu[sl][brain[sl] & (vr < 1)] = CSF
+        inside = brain[sl] & (vr < 1)
+        hu[sl][inside] = CSF
+        label[sl][inside] = 1
     for les in findings.lesions:
         sl, xs, ys, zs = region(les.centre, les.radius)
         d2 = (xs - les.centre[0]) ** 2 + (ys - les.centre[1]) ** 2 + (zs - les.centre[2]) ** 2
-        hu[sl][brain[sl] & (d2 < les.radius**2)] = les.hu
+        inside = brain[sl] & (d2 < les.radius**2)
+        hu[sl][inside] = les.hu
+        label[sl][inside] = 2
     hu += np.where(brain, anatomy.texture_hu * _smooth_field(rng, r.shape), 0).astype(np.float32)
     hu += anatomy.noise_hu * rng.standard_normal(r.shape, dtype=np.float32)
-    return hu
+    return hu, label
+
+
+def lesion_ml(findings: Findings) -> float:
+    return sum(4 / 3 * np.pi * les.radius**3 for les in findings.lesions) / 1000
+
+
+def draw_survival(rng: np.random.Generator, findings: Findings) -> tuple[float, bool]:
+    """Years to an event whose hazard grows with the findings (a Cox model, log hazard ratios:
+    1.0 for hydrocephalus, 0.15 per ml of hemorrhage, 1.5 x atrophy severity, 0.1 per mm of
+    midline shift; baseline median 5 years), censored at the end of a 1-8 year follow-up.
+    Returns (years, whether the event was seen)."""
+    risk = (
+        1.0 * (findings.hydrocephalus > 0)
+        + 0.15 * lesion_ml(findings)
+        + 1.5 * findings.atrophy
+        + 0.1 * findings.shift_mm
+    )
+    event_time = rng.exponential(5 / np.log(2) * np.exp(-risk))
+    follow_up = rng.uniform(1, 8)
+    return float(min(event_time, follow_up)), bool(event_time <= follow_up)
 
 
 @dataclass(frozen=True)
@@ -223,18 +283,32 @@ class Scan:
     volume: np.ndarray  # float32 HU
     anatomy: Anatomy
     findings: Findings
+    labels: np.ndarray | None = None  # uint8 label volume (MASK_CLASSES), when asked for
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    survival: tuple[float, bool] | None = None  # (years, event seen), when asked for
 
     def record(self) -> dict:
-        """Labels and the continuous facts behind them (for regression-type targets)."""
-        lesion_ml = sum(4 / 3 * np.pi * les.radius**3 for les in self.findings.lesions) / 1000
+        """Labels and the continuous facts behind them (regression, survival and point targets).
+        The lesion point is the centre of the largest hemorrhage in the grid's frame (voxel index
+        x spacing, mm; NaN without one); the ventricle volume is the two ellipsoids'."""
+        vs = ventricle_scale(self.anatomy, self.findings)
+        largest = max(self.findings.lesions, key=lambda les: les.radius, default=None)
+        point = (
+            head_to_grid(largest.centre, self.anatomy, self.volume.shape, self.spacing)
+            if largest
+            else np.full(3, np.nan)
+        )
         return {
             **self.findings.labels(),
-            "ventricle_scale": ventricle_scale(self.anatomy, self.findings),
-            "lesion_ml": float(lesion_ml),
+            "ventricle_scale": vs,
+            "ventricle_ml": float(2 * 4 / 3 * np.pi * (5 * 22 * 10) * vs**3 / 1000),
+            "lesion_ml": float(lesion_ml(self.findings)),
+            **{f"lesion_{axis}_mm": float(v) for axis, v in zip("xyz", point, strict=True)},
             "midline_shift_mm": self.findings.shift_mm,
             "atrophy_severity": self.findings.atrophy,
             "noise_hu": self.anatomy.noise_hu,
             "skull_hu": self.anatomy.skull_hu,
+            **(dict(zip(("survival_years", "survival_event"), self.survival)) if self.survival else {}),
         }
 
 
@@ -245,23 +319,34 @@ def synthetic_scan(
     vary: bool = True,
     midline_shift: float = 0.0,
     atrophy: float = 0.0,
-    **kw,
+    survival: bool = False,
+    masks: bool = False,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> Scan:
     """A random head whose findings are each present with probability `prevalence` (a midline
     shift with probability `midline_shift`, atrophy with probability `atrophy`). `vary=False`
     keeps one normal anatomy for every scan (only the findings and the noise differ): the easy data
-    of tests that check a pipeline can learn at all. Whether a head has a shift or atrophy is drawn
-    from child streams of `rng`, so a head with neither is the head the same `rng` gives without
-    them."""
-    shift_rng, atrophy_rng = rng.spawn(2) if midline_shift or atrophy else (None, None)
+    of tests that check a pipeline can learn at all. `survival`: a survival time that depends on
+    the findings (`draw_survival`); `masks`: keep the label volume. Whether a head has a shift or
+    atrophy, and its survival, are drawn from child streams of `rng`, so a head without them is the
+    head the same `rng` gives without asking for them."""
+    children = rng.spawn(3) if midline_shift or atrophy or survival else (None, None, None)
     anatomy = draw_anatomy(rng) if vary else Anatomy()
     hemorrhage, hydrocephalus = (bool(v) for v in rng.random(2) < prevalence)
     findings = draw_findings(rng, anatomy, hemorrhage, hydrocephalus)
     if midline_shift:
-        findings = draw_shift(shift_rng, findings, midline_shift)
+        findings = draw_shift(children[0], findings, midline_shift)
     if atrophy:
-        findings = draw_atrophy(atrophy_rng, findings, atrophy)
-    return Scan(synthetic_head(rng, shape, anatomy=anatomy, findings=findings, **kw), anatomy, findings)
+        findings = draw_atrophy(children[1], findings, atrophy)
+    hu, labels = render_head(rng, shape, spacing, anatomy, findings)
+    return Scan(
+        hu,
+        anatomy,
+        findings,
+        labels if masks else None,
+        tuple(float(v) for v in spacing),
+        draw_survival(children[2], findings) if survival else None,
+    )
 
 
 def to_int16(hu: np.ndarray) -> np.ndarray:
@@ -280,21 +365,26 @@ def write_store(
     threads: int | None = None,
     midline_shift: float = 0.0,
     atrophy: float = 0.0,
+    survival: bool = False,
+    masks: bool = False,
 ) -> pd.DataFrame:
     """Write `n` synthetic 224^3 heads straight into a site store (scan ids `<site>-0000`..., the
     stored frame, no ingest) with a manifest; returns one row per scan: scan_id, patient_id, split
     and `Scan.record()` (labels and their continuous facts). Scan `i` depends on (seed, i) only, so
     `threads` (default: one per core, at most 4) changes nothing but the speed. `midline_shift`,
-    `atrophy`: the prevalence of those findings (`synthetic_scan`)."""
+    `atrophy`: the prevalence of those findings; `survival`: survival targets (`synthetic_scan`);
+    `masks`: each head's label volume is stored beside it as mask "anatomy" (`MASK_CLASSES`)."""
     from fmct_ray.ingest.store import SiteStore, StoreConfig, checksum
 
     store = SiteStore(uri, storage)
     store.init(site)
 
-    def make(i: int) -> tuple[dict, np.ndarray]:
+    def make(i: int) -> tuple[dict, np.ndarray, np.ndarray | None]:
         rng = np.random.default_rng([seed, i])
-        scan = synthetic_scan(rng, prevalence, midline_shift=midline_shift, atrophy=atrophy)
-        return scan.record(), to_int16(scan.volume)
+        scan = synthetic_scan(
+            rng, prevalence, midline_shift=midline_shift, atrophy=atrophy, survival=survival, masks=masks
+        )
+        return scan.record(), to_int16(scan.volume), scan.labels
 
     # heads are drawn in threads (numpy and torch release the GIL), a few at a time so that memory
     # stays flat, and written and committed in order
@@ -303,7 +393,7 @@ def write_store(
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, n, 2 * workers):
             batch = range(start, min(n, start + 2 * workers))
-            for i, (record, vol) in zip(batch, pool.map(make, batch), strict=True):
+            for i, (record, vol, labels) in zip(batch, pool.map(make, batch), strict=True):
                 scan_id = f"{site}-{i:04d}"
                 store.write_volume(scan_id, vol, np.eye(4), StoreConfig(verify_writes=False))
                 row = {
@@ -312,7 +402,11 @@ def write_store(
                     "site": site,
                     "split": splits[i % len(splits)],
                 }
-                store.commit({**row, "stored_shape": list(vol.shape), "checksum": checksum(vol)})
+                stored = {"stored_shape": list(vol.shape), "checksum": checksum(vol)}
+                if masks:
+                    store.write_mask(scan_id, "anatomy", labels, np.eye(4))
+                    stored["masks"] = ["anatomy"]
+                store.commit({**row, **stored})
                 rows.append({**row, **record})
                 if log and (i + 1) % 50 == 0:
                     log(f"  {site}: {i + 1}/{n} scans written")
@@ -394,13 +488,13 @@ def ingest_synthetic_sites(
     exist (anything else under `out/raw/<site>`, e.g. linked real scans, is ingested as well), runs
     `run_ingest` into `out/stores/<site>` (`configs/ingest/default.yaml` + `ingest_overrides`; the
     patient is the NIfTI file's folder), then derives `out/labels/labels.parquet` from one label CSV
-    of every site with `make_labels` (`configs/labels/synthetic.yaml`). The site secret must be in
+    of every site with `site_labels` (`configs/labels/synthetic.yaml`). The site secret must be in
     the environment (`FMCT_SITE_SECRET`). Returns (labels, label report).
     """
     from fmct_ray import config as config_lib
-    from fmct_ray.eval.labels import LabelConfig, make_labels
-    from fmct_ray.ingest import SiteStore
+    from fmct_ray.eval.labels import LabelConfig, site_labels
     from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
+    from fmct_ray.sites import SiteSpec
 
     out = Path(out)
     overrides = ["patient_id_pattern=([^/]+)/[^/]+$", *ingest_overrides]
@@ -416,10 +510,9 @@ def ingest_synthetic_sites(
         label_rows.append(pd.read_csv(csv))
     public = out / "raw" / "labels_all_sites.csv"
     pd.concat(label_rows).to_csv(public, index=False)
-    manifest = pd.concat([SiteStore(str(out / "stores" / site)).manifest() for site in sites])
-    labels, report = make_labels(
+    labels, report = site_labels(
         config_lib.load(LabelConfig, ROOT / "configs/labels/synthetic.yaml"),
-        manifest,
+        [SiteSpec(site, str(out / "stores" / site)) for site in sites],
         out / "labels",
         public=public,
     )

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fmct_ray.synthetic import Anatomy, Findings, synthetic_head, synthetic_scan
+from fmct_ray.synthetic import Anatomy, Findings, Lesion, Scan, render_head, synthetic_head, synthetic_scan
 
 GRID = dict(shape=(112, 112, 112), spacing=(2.0, 2.0, 2.0))  # the whole head at 2 mm: fast
 
@@ -69,3 +69,68 @@ def test_heads_without_a_finding_are_unchanged_by_asking_for_it(finding):
             assert lo <= record[label] <= hi and not np.array_equal(asked.volume, plain.volume)
         drawn.append(record[finding])
     assert 0 < sum(drawn) < 8
+
+
+def test_asking_for_survival_and_masks_leaves_the_head_unchanged():
+    for seed in range(3):
+        plain = synthetic_scan(np.random.default_rng([4, seed]), 0.5, **GRID)
+        asked = synthetic_scan(np.random.default_rng([4, seed]), 0.5, survival=True, masks=True, **GRID)
+        assert np.array_equal(asked.volume, plain.volume) and asked.findings == plain.findings
+        years, event = asked.survival
+        assert 0 < years <= 8 and asked.record()["survival_event"] == event
+        assert plain.labels is None and asked.labels.shape == GRID["shape"]
+
+
+def test_label_volume_and_lesion_point_lie_on_the_planted_structures():
+    """A posed head (yaw, shift) with a hemorrhage: the ventricle label is CSF in the volume, the
+    lesion label is the lesion's HU, the recorded lesion point (grid mm) falls in the largest
+    lesion's label, and the ventricle volume matches the label count."""
+    anatomy = Anatomy(yaw_deg=9.0, shift=(5.0, -4.0, 3.0), noise_hu=0.0, texture_hu=0.0)
+    lesion = Lesion(centre=(-30.0, 20.0, 10.0), radius=9.0, hu=70.0)
+    small = Lesion(centre=(-35.0, -30.0, 0.0), radius=4.0, hu=70.0)
+    findings = Findings(lesions=(lesion, small))
+    hu, labels = render_head(np.random.default_rng(0), anatomy=anatomy, findings=findings, **GRID)
+    assert np.isin(np.unique(labels), [0, 1, 2]).all()
+    assert (np.abs(hu[labels == 1] - 6.0) < 1e-3).all() and (hu[labels == 2] == 70.0).all()
+    scan = Scan(hu, anatomy, findings, labels, GRID["spacing"])
+    record = scan.record()
+    point = np.array([record[f"lesion_{a}_mm"] for a in "xyz"])
+    voxel = np.round(point / np.array(GRID["spacing"])).astype(int)
+    assert labels[tuple(voxel)] == 2
+    blob = np.argwhere(labels == 2) * np.array(GRID["spacing"])
+    near = blob[np.linalg.norm(blob - point, axis=1) < 12]  # the large lesion's voxels, not the small one's
+    np.testing.assert_allclose(near.mean(0), point, atol=2.0)
+    assert (labels == 1).sum() * 8 / 1000 == pytest.approx(record["ventricle_ml"], rel=0.1)
+    assert np.isnan(Scan(hu, anatomy, Findings(), labels).record()["lesion_x_mm"])
+
+
+def test_survival_depends_on_the_findings():
+    """Over many heads, the hazard the generator uses orders the times (C-index of the true risk
+    well above 0.5), and some times are censored."""
+    from fmct_ray.eval.task_metrics import c_index
+    from fmct_ray.synthetic import draw_survival
+
+    rng = np.random.default_rng(5)
+    findings = [Findings(hydrocephalus=1.8 * (i % 2), atrophy=0.6 * ((i // 2) % 2)) for i in range(400)]
+    times, events = zip(*(draw_survival(rng, f) for f in findings), strict=True)
+    risk = [1.0 * (f.hydrocephalus > 0) + 1.5 * f.atrophy for f in findings]
+    assert c_index(times, events, risk) > 0.65
+    assert 0.1 < 1 - np.mean(events) < 0.9
+
+
+def test_write_store_keeps_masks_beside_the_volumes_and_survival_in_the_rows(tmp_path):
+    from fmct_ray.ingest import SiteStore
+    from fmct_ray.synthetic import write_store
+
+    rows = write_store(str(tmp_path / "s"), 2, site="s", seed=3, prevalence=1.0, survival=True, masks=True)
+    store = SiteStore(str(tmp_path / "s"))
+    assert list(store.manifest()["masks"].map(list)) == [["anatomy"], ["anatomy"]]
+    for row in rows.itertuples():
+        volume, mask = store.read_volume(row.scan_id), store.read_mask(row.scan_id, "anatomy")
+        assert mask.shape == volume.shape and mask.dtype == np.uint8
+        assert abs(np.median(volume[mask == 1]) - 6) < 3  # CSF (6 HU) under noise
+        point = np.array([row.lesion_x_mm, row.lesion_y_mm, row.lesion_z_mm])
+        assert mask[tuple(np.round(point).astype(int))] == 2  # the stored frame is voxel index x 1 mm
+        assert row.survival_years > 0
+    with pytest.raises(FileNotFoundError, match="no mask 'other'"):
+        store.read_mask(rows.scan_id[0], "other")

@@ -7,6 +7,8 @@ Layout of a store (local path or `s3://bucket/prefix`):
                                          224^3, ONE chunk (one object per volume: a training
                                          read is one GET; RAY_ZARR_NOTES), blosc-compressed;
                                          attributes: affine (RAS, mm) and sha256 checksum
+    STORE/masks/<name>/<scan_id>/        label volumes aligned with the scan (uint8, the same frame and
+                                         one-chunk layout; manifest column `masks` lists their names)
     STORE/_rows/<scan_id>.json           commit marker + manifest row, written only after the
                                          volume was written and read back checksum-valid
     STORE/manifest.parquet               all committed rows (consolidated from _rows/), with
@@ -184,6 +186,28 @@ class SiteStore:
         if verify and checksum(volume) != meta["attributes"]["sha256"]:
             raise OSError(f"{self.uri}: volume {scan_id} fails its checksum")
         return volume
+
+    def write_mask(self, scan_id: str, name: str, mask: np.ndarray, affine: np.ndarray) -> None:
+        """Write a label volume (uint8, one label per voxel) aligned with the scan's stored volume,
+        as one single-chunk array beside it: `masks/<name>/<scan_id>`."""
+        zarr.create_array(
+            self._zarr_store(),
+            name=f"masks/{name}/{scan_id}",
+            data=np.ascontiguousarray(mask, dtype=np.uint8),
+            chunks=mask.shape,
+            compressors=ZstdCodec(level=3),
+            overwrite=True,
+            attributes={"affine": np.asarray(affine, float).tolist()},
+            dimension_names=("R", "A", "S"),
+        )
+
+    def read_mask(self, scan_id: str, name: str) -> np.ndarray:
+        """The label volume `name` of a scan (`write_mask`)."""
+        try:
+            arr = zarr.open_array(self._zarr_store(read_only=True), path=f"masks/{name}/{scan_id}", mode="r")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{self.uri}: no mask {name!r} of scan {scan_id}") from err
+        return arr[...]
 
     # -- manifest rows ------------------------------------------------------------------------
     def _row_path(self, scan_id: str) -> str:
