@@ -191,3 +191,40 @@ def test_reorientation_is_exact_for_axis_aligned_inputs():
         j = np.rint(np.linalg.inv(out_affine) @ world)[:3].astype(int)
         assert out[tuple(j)] == array[tuple(i)]
     assert ndi.sum(out) == pytest.approx(ndi.sum(array))
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "oblique"])
+def test_masks_and_points_land_on_their_structure_in_the_stored_volume(orientation):
+    """A synthetic head and its label volume (ventricles 1, a lesion 2) written in an orientation
+    (axis-aligned LPS, or RAS turned 20 degrees about two axes), converted as the ingest does: the
+    stored labels sit on the stored volume's CSF and lesion, keep their volume, and the lesion
+    centre given in the scan's world frame lands in the stored lesion."""
+    from fmct_ray.ingest.geometry import convert_mask, to_stored_frame
+    from fmct_ray.synthetic import Anatomy, Findings, Lesion, Scan, orientation_affine, render_head
+
+    shape, cfg = (150, 180, 150), PreprocessConfig(size=(160, 192, 160))
+    anatomy = Anatomy(radii=(60.0, 78.0, 62.0), yaw_deg=7.0, shift=(3.0, -2.0, 4.0), noise_hu=0, texture_hu=0)
+    findings = Findings(hydrocephalus=1.6, lesions=(Lesion((-28.0, 15.0, 12.0), 8.0, 72.0),))
+    hu, labels = render_head(np.random.default_rng(0), shape, anatomy=anatomy, findings=findings)
+    transform, affine = orientation_affine("LPS" if orientation == "LPS" else "RAS", shape, (1.0, 1.0, 1.0))
+    hu, labels = transform(hu), transform(labels)
+    world = affine  # grid mm of the RAS array -> world
+    if orientation == "oblique":
+        turn = np.eye(4)
+        turn[:3, :3] = nib.eulerangles.euler2mat(z=np.radians(20)) @ nib.eulerangles.euler2mat(
+            x=np.radians(20)
+        )
+        affine = world = turn @ affine
+    volume, stored_affine = convert(RawScan(hu, affine, {}), cfg)
+    stored = convert_mask(labels, affine, stored_affine, cfg.size)
+    assert stored.shape == cfg.size and stored.dtype == np.uint8
+    assert abs(np.median(volume[stored == 1]) - 6) <= 2  # CSF
+    assert abs(np.median(volume[stored == 2]) - 72) <= 2  # the lesion
+    assert (stored == 1).sum() == pytest.approx((labels == 1).sum(), rel=0.03)
+    centre = Scan(np.zeros(shape), anatomy, findings).record()  # grid mm of the RAS array
+    point = np.array([centre[f"lesion_{a}_mm"] for a in "xyz"])
+    if orientation == "LPS":  # the world frame is the RAS array's: its affine, not the LPS file's
+        world = orientation_affine("RAS", shape, (1.0, 1.0, 1.0))[1]
+    in_world = (world @ np.r_[point, 1.0])[:3]
+    in_store = to_stored_frame(in_world, stored_affine)[0]
+    assert stored[tuple(np.round(in_store).astype(int))] == 2

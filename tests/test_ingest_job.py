@@ -538,3 +538,49 @@ def _set_dates(folder: Path, level: str, date: str, time_of_day: str) -> None:
         setattr(ds, f"{level}Date", date)
         setattr(ds, f"{level}Time", time_of_day)
         ds.save_as(path, enforce_file_format=True)
+
+
+def test_masks_are_ingested_through_their_scans_geometry(tmp_path, ray_local, site_secret):
+    """Issue 12: label volumes beside their NIfTI scans (`IngestConfig.masks`): an LPS scan's and an
+    oblique one's mask land on the stored volume's ventricles, a scan without a mask is stored
+    without one, a scan whose mask is corrupt is quarantined with the mask named, and mask files
+    are never ingested as scans."""
+    from fmct_ray.synthetic import Anatomy, Findings, orientation_affine, render_head
+
+    shape = (150, 180, 150)
+    anatomy = Anatomy(radii=(60.0, 78.0, 62.0), noise_hu=3.0)
+    hu, labels = render_head(np.random.default_rng(0), shape, anatomy=anatomy, findings=Findings(1.8))
+    raw = tmp_path / "raw"
+    lps, affine = orientation_affine("LPS", shape, (1.0, 1.0, 1.0))
+    _nifti(raw / "p1" / "lps.nii.gz", lps(hu).astype(np.int16), affine)
+    _nifti(raw / "p1" / "lps_anatomy.nii.gz", lps(labels), affine)
+    turn = np.eye(4)
+    turn[:3, :3] = nib.eulerangles.euler2mat(z=np.radians(25))
+    ras_affine = orientation_affine("RAS", shape, (1.0, 1.0, 1.0))[1]
+    _nifti(raw / "p2" / "oblique.nii.gz", hu.astype(np.int16), turn @ ras_affine)
+    _nifti(raw / "p2" / "oblique_anatomy.nii.gz", labels, turn @ ras_affine)
+    _nifti(raw / "p3" / "no_mask.nii.gz", hu.astype(np.int16), ras_affine)
+    _nifti(raw / "p4" / "bad.nii.gz", hu.astype(np.int16), ras_affine)
+    (raw / "p4" / "bad_anatomy.nii.gz").write_bytes(b"not a nifti")
+    cfg = config_lib.load(
+        IngestConfig, None, ["masks={anatomy: _anatomy.nii.gz}", "patient_id_pattern=([^/]+)/[^/]+$"]
+    )
+    store_uri = str(tmp_path / "store")
+    summary = run_ingest("site_m", str(raw), store_uri, cfg)
+    assert summary["written"] == 3 and summary["quarantined"] == 1, summary
+    store = SiteStore(store_uri)
+    manifest = store.manifest()
+    key = lambda rel: pseudonym(site_secret.encode(), "scan", f"nifti:{rel}")  # noqa: E731
+    masks = dict(zip(manifest["scan_id"], manifest["masks"].map(list), strict=True))
+    assert masks == {
+        key("p1/lps.nii.gz"): ["anatomy"],
+        key("p2/oblique.nii.gz"): ["anatomy"],
+        key("p3/no_mask.nii.gz"): [],
+    }
+    for rel in ("p1/lps.nii.gz", "p2/oblique.nii.gz"):
+        volume, mask = store.read_volume(key(rel)), store.read_mask(key(rel), "anatomy")
+        assert abs(np.median(volume[mask == 1]) - 6) <= 3  # the ventricles' CSF
+        assert (mask == 1).sum() == pytest.approx((labels == 1).sum(), rel=0.03)
+    quarantine = store.quarantine()
+    assert list(quarantine["path"].map(os.path.basename)) == ["bad.nii.gz"]
+    assert "mask 'anatomy'" in quarantine["reason"][0] and "bad_anatomy.nii.gz" in quarantine["reason"][0]

@@ -19,6 +19,8 @@ Steps of `convert`:
 5. Clip to [-1024, 3071] and round to int16.
 
 The returned affine maps output voxel indices to RAS+ world mm: diag(spacing) plus the box origin.
+Label volumes aligned with a scan go through the same geometry (`convert_mask`: nearest
+neighbour), and points in the scan's world frame map to the stored frame (`to_stored_frame`).
 """
 
 from __future__ import annotations
@@ -217,3 +219,20 @@ def convert(raw: RawScan, cfg: PreprocessConfig | None = None) -> tuple[np.ndarr
     out_affine = output_affine(head_box_origin(array, affine, cfg), cfg.spacing)
     volume = resample(array, affine, out_affine, cfg.size, cfg.order, cval=cfg.pad_value)
     return np.ascontiguousarray(to_int16(volume, cfg)), out_affine
+
+
+def convert_mask(
+    mask: np.ndarray, affine: np.ndarray, stored_affine: np.ndarray, size: tuple[int, int, int]
+) -> np.ndarray:
+    """A label volume on its scan's voxel grid (`affine`: the scan's) -> uint8 labels on the stored
+    grid of that scan (`stored_affine` x `size`, what `convert` returned): the same reorientation
+    and box, nearest neighbour, 0 outside the input."""
+    array, affine = reorient_closest_ras(np.asarray(mask), np.asarray(affine, dtype=np.float64))
+    return np.rint(resample(array, affine, stored_affine, size, order=0, cval=0)).astype(np.uint8)
+
+
+def to_stored_frame(points: np.ndarray, stored_affine: np.ndarray) -> np.ndarray:
+    """World RAS mm points (n, 3) of a scan -> its stored frame: voxel index x spacing (mm)."""
+    points = np.atleast_2d(np.asarray(points, dtype=np.float64))
+    index = (np.linalg.inv(stored_affine) @ np.c_[points, np.ones(len(points))].T)[:3].T
+    return index * np.linalg.norm(stored_affine[:3, :3], axis=0)

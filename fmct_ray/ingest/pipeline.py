@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from fmct_ray import config as config_lib
-from fmct_ray.ingest.geometry import PreprocessConfig, convert
+from fmct_ray.ingest.geometry import PreprocessConfig, convert, convert_mask
 from fmct_ray.ingest.privacy import pseudonym, secret_check, shift_time, site_secret
 from fmct_ray.ingest.quality import QualityConfig, check_header, check_intensities
 from fmct_ray.ingest.readers import QuarantineError, read_dicom_header, read_dicom_series, read_nifti
@@ -73,6 +73,12 @@ class IngestConfig:
         date_shift_days: scan times are stored moved by a per-patient whole number of days in
             [-date_shift_days, date_shift_days] (never 0), keyed with the site secret; 0 stores
             the real times (only for data cleared to keep dates).
+        masks: label volumes aligned with the scans, name -> file suffix: the mask of
+            `scan.nii.gz` is `scan<suffix>` and that of a DICOM series folder `folder<suffix>`
+            beside it (e.g. {ventricles: _ventricles.nii.gz}). They go through their scan's
+            geometry (nearest neighbour) into the store beside its volume (`SiteStore.read_mask`;
+            manifest column `masks`); files with these suffixes are not scans. A scan without a
+            mask is stored without it; an unreadable mask quarantines its scan.
     """
 
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -88,6 +94,7 @@ class IngestConfig:
     num_cpus_per_scan: float = 1.0
     storage_retries: int = 3
     date_shift_days: int = 365
+    masks: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.date_shift_days < 0:
@@ -107,8 +114,9 @@ def assign_split(patient_id: str, seed: str, fractions: tuple[float, float, floa
 
 
 # -- discovery (driver) ---------------------------------------------------------------------------
-def discover(input_uri: str, storage: StorageConfig) -> list[dict[str, str]]:
-    """Every non-hidden file under `input_uri` (or the file itself), with its kind."""
+def discover(input_uri: str, storage: StorageConfig, skip: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """Every non-hidden file under `input_uri` (or the file itself) but those ending in `skip`
+    (the masks' suffixes), with its kind."""
     fs, root = filesystem(input_uri, storage)
     if not fs.exists(root):
         raise FileNotFoundError(f"ingest: input {input_uri} does not exist")
@@ -123,7 +131,7 @@ def discover(input_uri: str, storage: StorageConfig) -> list[dict[str, str]]:
     items = []
     for path in paths:
         rel = posixpath.relpath(path, base)
-        if any(part.startswith(".") for part in rel.split("/")):
+        if any(part.startswith(".") for part in rel.split("/")) or path.endswith(skip):
             continue
         kind = "nifti" if path.lower().endswith(NIFTI_SUFFIXES) else "dicom"
         items.append({"path": prefix + path, "rel": rel, "kind": kind})
@@ -277,12 +285,42 @@ class Convert:
             raise QuarantineError(f"conversion failed: {type(err).__name__}: {err}", paths[0]) from err
         store = SiteStore(self.store_uri, options=self.out_opts)
         where = f"store {self.store_uri}"
+        masks = self._masks(kind, paths, affine)
         write = functools.partial(store.write_volume, scan_id, volume, affine, self.cfg.store)
         digest = with_retries(write, where, retries)
+        for name, mask in masks.items():
+            with_retries(functools.partial(store.write_mask, scan_id, name, mask, affine), where, retries)
         shifted = shift_time(raw.acquired, self.secret, patient_id, self.cfg.date_shift_days)
         row = manifest_row(scan_id, patient_id, self.site, kind, raw.meta, volume, digest, self.cfg)
         row = {**row, **time_fields(shifted, self.secret, self.cfg.date_shift_days), **self._series(raw)}
+        if self.cfg.masks:
+            row["masks"] = sorted(masks)
         with_retries(lambda: store.commit(row), where, retries)
+
+    def _masks(self, kind: str, paths: list[str], stored_affine: np.ndarray) -> dict[str, np.ndarray]:
+        """The scan's masks that exist (`IngestConfig.masks`), on its stored grid."""
+        source = (
+            re.sub(r"\.nii(\.gz)?$", "", paths[0], flags=re.I)
+            if kind == "nifti"
+            else posixpath.dirname(paths[0])
+        )
+        found, retries = {}, self.cfg.storage_retries
+        for name, suffix in self.cfg.masks.items():
+            path = source + suffix
+            try:
+                blob = with_retries(lambda p=path: read_bytes(p, self.in_opts), f"input {path}", retries)
+            except StorageError as err:
+                if isinstance(err.__cause__, FileNotFoundError):
+                    continue  # this scan has no such mask
+                raise
+            try:
+                raw = read_nifti(blob, path)
+                found[name] = convert_mask(raw.array, raw.affine, stored_affine, self.cfg.preprocess.size)
+            except QuarantineError as err:
+                raise QuarantineError(f"mask {name!r} {path}: {err.reason}", paths[0]) from err
+            except Exception as err:  # noqa: BLE001 - whatever a bad mask makes the readers raise
+                raise QuarantineError(f"mask {name!r} {path}: {type(err).__name__}: {err}", paths[0]) from err
+        return found
 
     def _series(self, raw) -> dict[str, Any]:
         """Study pseudonym, selection flags and keyed slice ids (`RawScan`'s raw keys, hashed)."""
@@ -351,7 +389,7 @@ def run_ingest(site: str, input_uri: str, store_uri: str, cfg: IngestConfig) -> 
     with_retries(store.attrs, f"store {store_uri}", cfg.storage_retries)  # reachable, and lets us in
     store.init(site)
     done = store.committed_ids()
-    files = discover(input_uri, cfg.input_storage)
+    files = discover(input_uri, cfg.input_storage, tuple(cfg.masks.values()))
     if not files:
         raise ValueError(f"no files under {input_uri}")
     in_opts = storage_options(cfg.input_storage) if "://" in input_uri else {}
