@@ -14,23 +14,23 @@ slices' SOP instance ids; CQ500: three readers' reads per patient, onto each stu
         --public reads.csv --out labels/cq500
 
 The stores of one run share the site secret (a store shifted with another secret is an error).
-Writes labels.parquet and label_report.{csv,md}; missing or contradictory labels are counted per
-task in the report, never turned into negatives.
+A site pinned to its nodes (`--sites FILE` with a `resource`) is labelled on one of them: its
+manifest and the label source (a path readable there) are read there, and only pseudonymous label
+rows and counts come back. Writes labels.parquet and label_report.{csv,md}; missing or
+contradictory labels are counted per task (and per group of sites labelled together) in the
+report, never turned into negatives.
 """
 
 import argparse
 
-import pandas as pd
-
 from fmct_ray.cli import add_store_args, load_config, parser, sites_from_args
-from fmct_ray.eval.labels import LabelConfig, make_labels
-from fmct_ray.ingest import SiteStore
+from fmct_ray.eval.labels import LabelConfig, site_labels
 
 
 def main() -> None:
     p = parser(__doc__)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_store_args(p, required=True)
+    add_store_args(p, sites_file=True)
     p.add_argument("--ehr", help="EHR table (CSV/Parquet): patient_id, time, code[, kind]")
     p.add_argument(
         "--scan-times",
@@ -42,18 +42,11 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(LabelConfig, args)
     sites = sites_from_args(args)
-    stores = [SiteStore(s.uri, s.storage) for s in sites]
-    manifest = pd.concat([s.manifest() for s in stores], ignore_index=True)
-    slices = pd.concat([s.slices() for s in stores]) if cfg.id_kind == "dicom_slice" else None
+    if not sites:
+        p.error("give the stores to label: --stores NAME=URI ... and/or --sites FILE")
     try:
-        _, table = make_labels(
-            cfg,
-            manifest,
-            args.out,
-            ehr=args.ehr,
-            scan_times=args.scan_times,
-            public=args.public,
-            slices=slices,
+        _, table = site_labels(
+            cfg, sites, args.out, ehr=args.ehr, scan_times=args.scan_times, public=args.public
         )
     except ValueError as err:  # bad input tables: the message names the file and the reason
         raise SystemExit(f"labels: {err}") from err

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fmct_ray import config as config_lib
@@ -363,6 +364,39 @@ def test_the_audit_catches_a_read_off_the_sites_node(two_nodes):
     assert ray.get(ray.remote(read_all).options(num_cpus=0, scheduling_strategy=on_b).remote(site)) == 3 * 224
     wrong = misplaced(audit, root, "A", nodes["A"])
     assert wrong and {e["node_tag"] for e in wrong} == {"B"} and {e["node_id"] for e in wrong} == {nodes["B"]}
+
+
+def test_labels_of_pinned_sites_are_made_on_their_nodes(two_nodes, tmp_path):
+    """`site_labels` (the labels job): each pinned site's manifest and the label file are read on
+    the site's node, never by the driver; labels and per-site report counts come back."""
+    from fmct_ray.eval.labels import LabelConfig, TaskDefinition, site_labels
+
+    nodes, audit, stores = two_nodes
+    roots = {tag: alias(stores, tag, f"{tag}_labels") for tag in nodes}
+    sites = [SiteSpec(tag, f"audit://{roots[tag]}", resource=f"site_{tag.lower()}") for tag in nodes]
+    ids = {tag: sorted(SiteStore(str(stores / tag)).manifest()["scan_id"]) for tag in nodes}  # not audited
+    table = pd.DataFrame({"scan_id": ids["A"] + ids["B"][:2] + ["elsewhere"], "hydro": [1, 0, 1, 0, 1, 0]})
+    label_file = stores / "labels_file.csv"
+    table.to_csv(label_file, index=False)
+    cfg = LabelConfig(tasks={"Hydro": TaskDefinition(column="hydro")})
+    labels, report = site_labels(cfg, sites, tmp_path / "out", public=f"audit://{label_file}")
+    got = labels.set_index("scan_id")["Hydro"]
+    assert got[ids["A"]].tolist() == [1, 0, 1] and got[ids["B"]].tolist() == [0, 1, pd.NA]
+    assert sorted(labels["site"]) == ["A"] * 3 + ["B"] * 3
+    report = report.set_index("sites")
+    assert report.loc["B", "missing"] == 1 and "no row in the label file: 1" in report.loc["B", "reasons"]
+    assert "not in the manifest (ignored): 3" in report.loc["A", "reasons"]  # B's rows + elsewhere
+    assert (
+        pd.read_parquet(tmp_path / "out" / "labels.parquet")["scan_id"].tolist() == labels["scan_id"].tolist()
+    )
+    for tag, root in roots.items():
+        assert reads_of(audit, root), f"no read of site {tag}'s store recorded"
+        assert misplaced(audit, root, tag, nodes[tag]) == []
+    file_reads = reads_of(audit, label_file)
+    assert {e["node_tag"] for e in file_reads} == {"A", "B"}
+    assert os.getpid() not in {
+        e["pid"] for e in file_reads + reads_of(audit, roots["A"]) + reads_of(audit, roots["B"])
+    }
 
 
 @pytest.mark.slow  # about 60 s: two Ray Data pipelines on 2 single-CPU nodes

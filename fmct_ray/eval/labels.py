@@ -460,10 +460,9 @@ def write_labels(labels: pd.DataFrame, report: pd.DataFrame, out: str | Path) ->
     return out / "labels.parquet"
 
 
-def make_labels(
+def label_scans(
     cfg: LabelConfig,
     manifest: pd.DataFrame,
-    out: str | Path,
     ehr: str | Path | None = None,
     scan_times: str | Path | None = None,
     public: str | Path | None = None,
@@ -473,8 +472,8 @@ def make_labels(
     scan-times table that overrides them, see `scan_table`) or a public label file (`slices`:
     the stores' slice ids, for labels per slice).
 
-    Writes `out`/labels.parquet (scan_id, patient_id, site, split, one Int8 column per task) and
-    the per-task report (CSV, Markdown); returns (labels, report table).
+    Returns (labels: scan_id, patient_id, site, split, one Int8 column per task; the per-task
+    report table).
     """
     if (ehr is None) == (public is None):
         raise ValueError("give exactly one label source: an EHR table or a label file")
@@ -487,6 +486,43 @@ def make_labels(
         labels, report = join_public_labels(read_table(public), manifest, cfg, str(public), slices)
     meta = manifest[["scan_id", "patient_id", "site", "split"]].drop_duplicates("scan_id")
     labels = meta.merge(labels, on="scan_id", how="left")
-    table = report.table(labels, list(cfg.tasks))
+    return labels, report.table(labels, list(cfg.tasks))
+
+
+def make_labels(
+    cfg: LabelConfig, manifest: pd.DataFrame, out: str | Path, **sources
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`label_scans` (the label `sources`: ehr, scan_times, public, slices), written to
+    `out`/labels.parquet and the report (CSV, Markdown); returns (labels, report table)."""
+    labels, table = label_scans(cfg, manifest, **sources)
+    write_labels(labels, table, out)
+    return labels, table
+
+
+def _group_labels(cfg: LabelConfig, sites, sources: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from fmct_ray.ingest.store import SiteStore
+
+    stores = [SiteStore(s.uri, s.storage) for s in sites]
+    manifest = pd.concat([s.manifest() for s in stores], ignore_index=True)
+    slices = pd.concat([s.slices() for s in stores]) if cfg.id_kind == "dicom_slice" else None
+    labels, table = label_scans(cfg, manifest, slices=slices, **sources)
+    return labels, table.assign(sites=",".join(s.name for s in sites))
+
+
+def site_labels(cfg: LabelConfig, sites, out: str | Path, **sources) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Labels of the scans of `sites` (`fmct_ray.sites.SiteSpec`s; label `sources`: ehr,
+    scan_times, public), written to `out` as `make_labels` does.
+
+    The sites anyone may read are labelled together, here. Each site pinned to its nodes (a
+    `resource`) is labelled on one of them (`fmct_ray.sites.run_on_site`): its manifest, slices and
+    label source are read there, and only its pseudonymous label rows and report counts come back.
+    The report has one row per task and group of sites labelled together (column `sites`).
+    """
+    from fmct_ray.sites import run_on_site
+
+    groups = [g for g in [[s for s in sites if not s.resource]] + [[s] for s in sites if s.resource] if g]
+    parts = [run_on_site(group[0], _group_labels, cfg, group, sources) for group in groups]
+    labels = pd.concat([p[0] for p in parts], ignore_index=True)
+    table = pd.concat([p[1] for p in parts], ignore_index=True)
     write_labels(labels, table, out)
     return labels, table
