@@ -56,13 +56,17 @@ class StudyConfig:
         random_seeds: random-init seeds of the baseline backbone.
         shots: K values (positives = negatives = K).
         draws: few-shot draws per K (the same draws for every backbone).
-        features: what the probes read: "cls", "patch_mean", "both" (the two), or "grid" (every
-            patch token, flattened: the only one that keeps where in the head a feature is).
+        features: what the probes read: "cls", "patch_mean", "both" (the two), "grid" (every
+            patch token, flattened: the only one that keeps where in the head a feature is), or
+            "grid+mean" (the grid and the mean patch token, each block given equal weight: one
+            probe for spatial and global signs).
         l2: L2 strength of the logistic probe (on standardised features, per sample).
         scratch_epochs: epochs of the supervised scratch model (0: no scratch baseline).
         tasks: label columns to probe.
         data: folder of the data stage's `stores/` and `labels.parquet` (empty: the study's own
             folder); studies of different presets or probes can share one.
+        data_seed: seed of the corpus (the evaluation store's is data_seed + 1): another value
+            draws other heads, for a confirmatory run of a choice made on the default ones.
     """
 
     corpus_scans: int = 200
@@ -85,6 +89,7 @@ class StudyConfig:
     scratch_epochs: int = 10
     tasks: tuple[str, ...] = TASKS
     data: str = ""
+    data_seed: int = 1
     view: dict = field(default_factory=lambda: {"crop": 192, "size": 32})
 
 
@@ -102,7 +107,7 @@ def stage_data(cfg: StudyConfig, out: Path, log=echo) -> None:
     if not (stores / "corpus" / "manifest.parquet").exists():
         log(f"== study data: {cfg.corpus_scans} unlabelled pretraining scans")
         corpus = str(stores / "corpus")
-        write_store(corpus, cfg.corpus_scans, site="corpus", seed=1, log=log, **findings)
+        write_store(corpus, cfg.corpus_scans, site="corpus", seed=cfg.data_seed, log=log, **findings)
     if not (out / "labels.parquet").exists():
         n = cfg.pool_scans + cfg.test_scans
         log(f"== study data: {n} labelled scans ({cfg.pool_scans} few-shot pool, {cfg.test_scans} test)")
@@ -111,7 +116,7 @@ def stage_data(cfg: StudyConfig, out: Path, log=echo) -> None:
             str(stores / "eval"),
             n,
             site="eval",
-            seed=2,
+            seed=cfg.data_seed + 1,
             prevalence=cfg.prevalence,
             splits=splits,
             log=log,
@@ -174,7 +179,7 @@ def stage_embed(cfg: StudyConfig, out: Path, log=echo) -> None:
         ecfg = EmbedConfig(
             backbone=BackboneConfig(**fields),
             view=ViewConfig(**cfg.view),
-            tokens=cfg.features == "grid",
+            tokens=cfg.features.startswith("grid"),
             actors=2,
             cpus_per_actor=0.5,
         )
@@ -185,9 +190,14 @@ def stage_embed(cfg: StudyConfig, out: Path, log=echo) -> None:
 
 
 # -- probes ------------------------------------------------------------------------------------
-def logistic_probe(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
-    """L2 logistic regression on standardised features (L-BFGS); returns a scoring function."""
+def logistic_probe(
+    x: np.ndarray, y: np.ndarray, l2: float = 1.0, weights: np.ndarray | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """L2 logistic regression on standardised features (L-BFGS), each column then multiplied by
+    `weights` (None: 1); returns a scoring function."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
+    if weights is not None:
+        sd = sd / weights
     xt = torch.as_tensor((x - mu) / sd, dtype=torch.float64)
     yt = torch.as_tensor(y, dtype=torch.float64)
     w = torch.zeros(xt.shape[1] + 1, dtype=torch.float64, requires_grad=True)
@@ -227,14 +237,29 @@ def fewshot_draws(y: np.ndarray, k: int, draws: int, seed: int = 0) -> list[np.n
     return out
 
 
-def features(frame: pd.DataFrame, which: str) -> np.ndarray:
+def feature_blocks(frame: pd.DataFrame, which: str) -> list[np.ndarray]:
     from fmct_ray.data.embed import matrix
 
-    if which == "grid":  # the stored tokens are CLS first, then the patch tokens
-        tokens = matrix(frame, "tokens", dim=len(frame["cls"].iloc[0]))
-        return tokens[:, 1:].reshape(len(frame), -1)
-    cols = ["cls", "patch_mean"] if which == "both" else [which]
-    return np.concatenate([matrix(frame, c) for c in cols], axis=1)
+    names = {"both": ["cls", "patch_mean"], "grid+mean": ["grid", "patch_mean"]}.get(which, [which])
+    blocks = []
+    for name in names:
+        if name == "grid":  # the stored tokens are CLS first, then the patch tokens
+            tokens = matrix(frame, "tokens", dim=len(frame["cls"].iloc[0]))
+            blocks.append(tokens[:, 1:].reshape(len(frame), -1))
+        else:
+            blocks.append(matrix(frame, name))
+    return blocks
+
+
+def features(frame: pd.DataFrame, which: str) -> tuple[np.ndarray, np.ndarray]:
+    """The probe's feature matrix and a weight per column: blocks of d columns out of D in all
+    weigh sqrt(D / (n_blocks d)) each, so that after standardisation every block contributes the
+    same squared norm (a 96-wide mean token beside a 49,152-wide grid is not drowned); 1 for one
+    block or blocks of equal width."""
+    blocks = feature_blocks(frame, which)
+    total = sum(b.shape[1] for b in blocks)
+    weights = [np.full(b.shape[1], np.sqrt(total / (len(blocks) * b.shape[1]))) for b in blocks]
+    return np.concatenate(blocks, axis=1), np.concatenate(weights)
 
 
 def result_row(task: str, backbone: str, k: int, draw: int, test: pd.DataFrame, y, score) -> dict:
@@ -259,12 +284,12 @@ def stage_probe(cfg: StudyConfig, out: Path, log=echo) -> pd.DataFrame:
         emb = load_embeddings(str(out / "embeddings" / f"{name}.parquet")).sort_values("scan_id")
         emb = emb.join(labels[list(cfg.tasks)], on="scan_id")
         pool, test = emb[emb["split"] == "train"], emb[emb["split"] == "test"]
-        xp, xt = features(pool, cfg.features), features(test, cfg.features)
+        (xp, weights), (xt, _) = features(pool, cfg.features), features(test, cfg.features)
         for task in cfg.tasks:
             yp, yt = pool[task].to_numpy(float), test[task].to_numpy(float)
             for k in shots_for(yp, cfg.shots, task, log):
                 for d, idx in enumerate(fewshot_draws(yp, k, cfg.draws)):
-                    score = logistic_probe(xp[idx], yp[idx], cfg.l2)(xt)
+                    score = logistic_probe(xp[idx], yp[idx], cfg.l2, weights)(xt)
                     rows.append(result_row(task, name, k, d, test, yt, score))
         log(f"== probes {name}: done")
     if cfg.scratch_epochs:

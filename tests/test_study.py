@@ -24,6 +24,10 @@ def test_logistic_probe_matches_scikit_learn():
     z = StandardScaler().fit_transform(x)
     ref = LogisticRegression(C=1.0).fit(z, y).decision_function(z)  # same objective: C = 1 / l2
     np.testing.assert_allclose(ours, ref, atol=1e-3)
+    w = np.array([2.0, 1, 1, 0.5, 0.5, 3])  # column weights act on the standardised features
+    ours = logistic_probe(x, y, l2=1.0, weights=w)(x)
+    ref = LogisticRegression(C=1.0, tol=1e-10, max_iter=1000).fit(z * w, y).decision_function(z * w)
+    np.testing.assert_allclose(ours, ref, atol=1e-3)
 
 
 def test_fewshot_draws_are_balanced_reproducible_and_labelled_only():
@@ -80,11 +84,32 @@ def test_grid_features_are_the_patch_tokens_in_order_without_cls():
     rng = np.random.default_rng(0)
     tokens = rng.normal(size=(3, 1 + 8, 4)).astype(np.float16)  # 3 scans, CLS + 2^3 patches, width 4
     frame = pd.DataFrame({"cls": list(tokens[:, 0]), "tokens": [t.reshape(-1) for t in tokens]})
-    grid = features(frame, "grid")
+    grid, weights = features(frame, "grid")
     assert grid.shape == (3, 8 * 4)
     np.testing.assert_array_equal(grid, tokens[:, 1:].reshape(3, -1).astype(np.float32))
-    both = features(frame.assign(patch_mean=list(tokens[:, 1:].mean(1))), "both")
+    np.testing.assert_array_equal(weights, 1.0)
+    frame = frame.assign(patch_mean=list(tokens[:, 1:].mean(1)))
+    both, weights = features(frame, "both")
     assert both.shape == (3, 8)
+    np.testing.assert_allclose(weights, 1.0)
+
+
+def test_grid_and_mean_blocks_weigh_the_same_after_standardisation():
+    """ "grid+mean": the 32-wide grid and the 4-wide mean token each carry half the squared norm."""
+    rng = np.random.default_rng(1)
+    tokens = rng.normal(size=(5, 1 + 8, 4)).astype(np.float16)
+    frame = pd.DataFrame(
+        {
+            "cls": list(tokens[:, 0]),
+            "tokens": [t.reshape(-1) for t in tokens],
+            "patch_mean": list(tokens[:, 1:].astype(np.float32).mean(1)),
+        }
+    )
+    x, weights = features(frame, "grid+mean")
+    assert x.shape == (5, 32 + 4)
+    np.testing.assert_array_equal(x[:, 32:], np.stack(frame["patch_mean"]))
+    z = (x - x.mean(0)) / x.std(0) * weights
+    np.testing.assert_allclose((z[:, :32] ** 2).sum(), (z[:, 32:] ** 2).sum(), rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
