@@ -108,10 +108,13 @@ class Relay:
 
     `down()` stops listening and cuts every open connection (clients see connection refused, as in
     an outage of the endpoint); `up()` listens again on the same port. The server behind it, and
-    what it holds, is untouched. A context manager: up on entry, closed on exit."""
+    what it holds, is untouched. `upload_rate` (bytes/s per connection, 0: unlimited) slows what
+    clients send, so that an upload lasts long enough to be interrupted. A context manager: up on
+    entry, closed on exit."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, upload_rate: float = 0) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
+        self.upload_rate = upload_rate
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._listener: socket.socket | None = None
@@ -148,13 +151,15 @@ class Relay:
                 continue
             with self._lock:
                 self._open |= {client, server}
-            for src, dst in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, rate in ((client, server, self.upload_rate), (server, client, 0)):
+                threading.Thread(target=self._pump, args=(src, dst, rate), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, rate: float) -> None:
         with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
+            while data := src.recv(1 << 14 if rate else 1 << 16):
                 dst.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
 

@@ -654,32 +654,37 @@ def train_worker_pids(cluster) -> list[int]:
     return sorted(found)
 
 
-@pytest.mark.slow
-def test_killed_worker_resumes_from_last_checkpoint(cluster, s3, s3_store, tmp_path):
-    """SIGKILL one training worker after the first registered checkpoint: FailureConfig restarts
-    the group, it resumes from that checkpoint and the run ends at the right step."""
-    name, done = "dino-kill", []
-    args = job_args(
-        "pretrain_dino", DINO, s3_store, name, "--set", "train.epochs=6", "--set", "train.checkpoint_every=2"
-    )
+def start(cluster, args, env) -> tuple[threading.Thread, list]:
+    """`ray job submit` in a thread: (the thread, a list that gets the finished process)."""
+    done: list = []
     job = threading.Thread(
-        target=lambda: done.append(cluster.submit(*args, working_dir=str(ROOT), env=s3.env(), timeout=600))
+        target=lambda: done.append(cluster.submit(*args, working_dir=str(ROOT), env=env, timeout=600))
     )
     job.start()
-    deadline = time.monotonic() + 300
-    while (
-        ckpt.latest_checkpoint("s3://runs", name) is None and time.monotonic() < deadline and job.is_alive()
-    ):
-        time.sleep(0.5)
-    assert ckpt.latest_checkpoint("s3://runs", name) is not None, "no checkpoint was registered"
-    pids = train_worker_pids(cluster)
-    assert len(pids) == 2, pids
-    os.kill(pids[-1], signal.SIGKILL)
+    return job, done
+
+
+def wait_for(condition, job: threading.Thread, what: str, timeout: float = 300):
+    """Poll `condition` while the job runs; returns its first true value (asserting there is one)."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline and job.is_alive():
+        time.sleep(0.2)
+    assert value, what
+    return value
+
+
+def finished(job: threading.Thread, done: list, tmp_path) -> str:
+    """Wait for the job; returns its output (kept in tmp_path/job.log), asserting it succeeded."""
     job.join(600)
     out = done[0].stdout + done[0].stderr
     (tmp_path / "job.log").write_text(out)
     assert done[0].returncode == 0, out[-4000:]
-    d = fetch_latest(s3, name, tmp_path)
+    return out
+
+
+def check_one_restart(out: str, d: Path, resumed_after: int | None = None) -> None:
+    """A 12-step run (checkpoints every 2 steps) that restarted once from a checkpoint (from step
+    `resumed_after` where given): replayed steps repeat their loss, metrics rows 1..12 once."""
     state = json.loads((d / "state.json").read_text())
     assert state["step"] == 12 and state["samples"] == 48  # 6 epochs x 2 steps x global batch 4
     assert "teacher_backbone.pt" in {p.name for p in d.iterdir()}
@@ -689,9 +694,67 @@ def test_killed_worker_resumes_from_last_checkpoint(cluster, s3, s3_store, tmp_p
     assert len(back) == 1, f"expected one restart: {seq}"
     redo = seq[back[0]][0]
     assert redo > 1 and (redo - 1) % 2 == 0, f"did not resume from a checkpoint (every 2 steps): {seq}"
+    if resumed_after is not None:
+        assert redo == resumed_after + 1, f"did not resume from step {resumed_after}: {seq}"
     first = dict(seq[: back[0]])
     assert all(first[k] == v for k, v in seq[back[0] :] if k in first), "replayed steps differ"
     assert [int(r["step"]) for r in rows(d)] == list(range(1, 13))
+
+
+KILL_ARGS = ("--set", "train.epochs=6", "--set", "train.checkpoint_every=2")
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_last_checkpoint(cluster, s3, s3_store, tmp_path):
+    """SIGKILL one training worker after the first registered checkpoint: FailureConfig restarts
+    the group, it resumes from that checkpoint and the run ends at the right step."""
+    name = "dino-kill"
+    job, done = start(cluster, job_args("pretrain_dino", DINO, s3_store, name, *KILL_ARGS), s3.env())
+    wait_for(lambda: ckpt.latest_checkpoint("s3://runs", name), job, "no checkpoint was registered")
+    pids = train_worker_pids(cluster)
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
+    out = finished(job, done, tmp_path)
+    check_one_restart(out, fetch_latest(s3, name, tmp_path))
+
+
+@pytest.mark.slow
+def test_workers_killed_while_a_checkpoint_uploads_resume_from_the_newest_intact_one(
+    cluster, s3, s3_store, tmp_path
+):
+    """Uploads to S3 slowed to 512 kB/s per connection (a relay in front of the server): both
+    training workers are SIGKILLed while the second checkpoint is being written (its folder is
+    in the bucket, not registered). The half-written folder stays there, fails `verify`, and is
+    never resumed from: FailureConfig restarts the group from the first checkpoint and the run
+    ends at the right step, every step once."""
+    from fmct_ray.testing import Relay
+
+    name = "dino-kill-upload"
+    args = job_args("pretrain_dino", DINO, s3_store, name, *KILL_ARGS)
+    with Relay(s3.port, upload_rate=512e3) as relay:
+        job, done = start(cluster, args, {**s3.env(), "AWS_ENDPOINT_URL": relay.endpoint})
+        first = wait_for(
+            lambda: ckpt.latest_checkpoint("s3://runs", name), job, "no checkpoint was registered"
+        )
+        newer = wait_for(
+            lambda: [p for p in s3_checkpoints(s3, name) if p > first.removeprefix("s3://")],
+            job,
+            "no second checkpoint was being written",
+        )
+        pids = train_worker_pids(cluster)
+        assert len(pids) == 2, pids
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        assert ckpt.latest_checkpoint("s3://runs", name) == first, "the upload finished before the kill"
+        # read now: keep_checkpoints removes it once newer ones are registered
+        step = json.loads(s3.filesystem().cat(first.removeprefix("s3://") + "/state.json"))["step"]
+        out = finished(job, done, tmp_path)
+    partial = tmp_path / "partial"
+    s3.filesystem().get(newer[0] + "/", str(partial), recursive=True)
+    assert ckpt.verify(partial) is not None, "the interrupted checkpoint is whole"
+    d = fetch_latest(s3, name, tmp_path)
+    assert d.name != newer[0].rsplit("/", 1)[-1]
+    check_one_restart(out, d, resumed_after=step)
 
 
 @pytest.mark.slow
@@ -706,32 +769,18 @@ def test_a_storage_outage_fails_the_group_and_the_run_completes_once_storage_is_
     checkpoint and ends at the right step, every step once."""
     from fmct_ray.testing import Relay
 
-    name, done = "dino-outage", []
+    name = "dino-outage"
     sites = tmp_path / "sites.yaml"
     sites.write_text(f"sites:\n  - name: A\n    uri: {s3_store}\n    storage: {{retries: 2}}\n")
     epochs = ("--set", "train.epochs=12", "--set", "train.checkpoint_every=2")
     args = job_args("pretrain_dino", DINO, None, name, *epochs, "--sites", str(sites), "--max-failures", "5")
     with Relay(s3.port) as relay:
-        env = {**s3.env(), "AWS_ENDPOINT_URL": relay.endpoint}
-        job = threading.Thread(
-            target=lambda: done.append(cluster.submit(*args, working_dir=str(ROOT), env=env, timeout=600))
-        )
-        job.start()
-        deadline = time.monotonic() + 300
-        while (
-            ckpt.latest_checkpoint("s3://runs", name) is None
-            and time.monotonic() < deadline
-            and job.is_alive()
-        ):
-            time.sleep(0.5)
-        assert ckpt.latest_checkpoint("s3://runs", name) is not None, "no checkpoint was registered"
+        job, done = start(cluster, args, {**s3.env(), "AWS_ENDPOINT_URL": relay.endpoint})
+        wait_for(lambda: ckpt.latest_checkpoint("s3://runs", name), job, "no checkpoint was registered")
         relay.down()
         time.sleep(20)
         relay.up()
-        job.join(600)
-    out = done[0].stdout + done[0].stderr
-    (tmp_path / "job.log").write_text(out)
-    assert done[0].returncode == 0, out[-4000:]
+        out = finished(job, done, tmp_path)
     assert f"StorageError: store {s3_store}: reading " in out
     d = fetch_latest(s3, name, tmp_path)
     state = json.loads((d / "state.json").read_text())
