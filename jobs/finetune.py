@@ -9,8 +9,13 @@ r"""The fine-tuning matrix on Ray Tune: tasks x sites x modes x K x seeds, with 
         --storage s3://b/studies --labels labels.parquet --embeddings s3://b/study/embeddings.parquet \
         --stores A=s3://b/siteA B=s3://b/siteB --cpus-per-trial 0.25 --gpus-per-trial 0
 
-Running the same sweep command again resumes it (finished trials are not re-run). Each stage
-takes its own flags: `python jobs/finetune.py embed --help`, `python jobs/finetune.py sweep --help`.
+    # 3. the probe suite beyond classification (regression, survival, retrieval, localisation,
+    #    segmentation; typed targets in the label table, masks in the stores)
+    python jobs/finetune.py suite --config configs/finetune/suite_synthetic.yaml --name study \
+        --storage runs --labels labels.parquet --embeddings embeddings.parquet --stores s=store
+
+Running the same sweep or suite command again resumes it (finished trials are not re-run). Each
+stage takes its own flags: `python jobs/finetune.py embed --help`, `... sweep --help`, `... suite --help`.
 """
 
 import argparse
@@ -18,16 +23,18 @@ import argparse
 from fmct_ray.cli import add_config_args, add_store_args, load_config, sites_from_args
 from fmct_ray.data.embed import EmbedConfig, extract_embeddings
 from fmct_ray.downstream.config import FinetuneConfig
+from fmct_ray.downstream.suite import SuiteConfig
 from fmct_ray.downstream.sweep_cli import add_launch_args, launch_from_args
-from fmct_ray.downstream.tune import run_finetune_sweep
+from fmct_ray.downstream.tune import probe_results, run_finetune_sweep, run_probe_sweep
 
 EMBED = "Embed every train/val/test scan of the site stores with the recipe's backbone and view."
 SWEEP = "The fine-tuning matrix; the same --name and --storage again resume it."
+SUITE = "The probe suite's matrix (SuiteConfig); the same --name and --storage again resume it."
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    stages = p.add_subparsers(dest="stage", required=True, metavar="{embed,sweep}")
+    stages = p.add_subparsers(dest="stage", required=True, metavar="{embed,sweep,suite}")
 
     embed = stages.add_parser(
         "embed", help="cache frozen-backbone embeddings (Ray Data actor pool) -> Parquet", description=EMBED
@@ -45,7 +52,19 @@ def main() -> None:
     add_config_args(sweep)
     add_launch_args(sweep)
 
+    suite = stages.add_parser(
+        "suite", help="Ray Tune: tasks of every category x probes x sites x seeds x lrs", description=SUITE
+    )
+    add_config_args(suite)
+    add_launch_args(suite)
+
     args = p.parse_args()
+    if args.stage == "suite":
+        launch = launch_from_args(args)
+        run_probe_sweep(load_config(SuiteConfig, args), launch)
+        results = probe_results(launch)
+        print(results.drop(columns=["seed"]).to_string(index=False))
+        return
     cfg = load_config(FinetuneConfig, args)
     if args.stage == "embed":
         ecfg = EmbedConfig(

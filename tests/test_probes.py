@@ -126,3 +126,17 @@ def test_mask_probe_segments_a_label_carried_by_the_tokens():
     (x, y), (xv, yv), (xt, yt) = scans(64, 15), scans(16, 16), scans(16, 17)
     predict = mask_probe(x, y, xv, yv, (g, g, g), 2, ProbeConfig(epochs=15, lr=3e-3, batch_size=8))
     assert dice_scores(predict(xt), yt, 2)["dice_1"] > 0.8
+
+
+def test_segmentation_loss_known_answers():
+    from fmct_ray.downstream.probes import segmentation_loss
+
+    target = torch.zeros(2, 4, 4, 4, dtype=torch.long)
+    target[0, :2] = 1
+    perfect = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float() * 40
+    assert float(segmentation_loss(perfect, target)) == pytest.approx(0.0, abs=1e-6)
+    background = torch.zeros(2, 3, 4, 4, 4)
+    background[:, 0] = 40  # everything called background: the Dice term is 1 for the one class present
+    loss = segmentation_loss(background, target)
+    ce = torch.nn.functional.cross_entropy(background, target)
+    assert float(loss - ce) == pytest.approx(1.0, abs=1e-6)

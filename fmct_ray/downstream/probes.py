@@ -8,7 +8,7 @@ report generation (issue 12): numpy in, numpy out, CPU or GPU, no Ray.
 | continuous | `MLPHead`, z-scored target | CLS | MSE | MAE |
 | survival | `MLPHead`, risk score | CLS | Cox partial likelihood, Breslow ties (`cox_loss`) | C-index |
 | point | `PositionalAttentionRegressor` | patch tokens + positions (mm) | L1 (mm) | mean distance |
-| mask | `SegmentationHead` (1x1x1 conv, 3 conv blocks, upsampling) | patch tokens | CE | macro Dice |
+| mask | `SegmentationHead` (1x1x1 conv, 3 conv blocks, upsampling) | patch tokens | CE + Dice | macro Dice |
 
 Retrieval needs no probe (`fmct_ray.eval.task_metrics.recall_at_k` on CLS). `fit_probe` is the one
 training loop: AdamW, a cosine lr, shuffled batches (survival: the whole pool per step, so that
@@ -96,19 +96,21 @@ class PositionalAttentionRegressor(nn.Module):
 
 class SegmentationHead(nn.Module):
     """Patch tokens (B, N, D) on a `grid` -> a 1x1x1 projection to `width` channels -> 3 blocks of
-    (3x3x3 conv, GroupNorm, GELU, trilinear upsampling) -> per-class logits at `size`^3."""
+    (3x3x3 conv, GroupNorm, GELU, trilinear upsampling), each halving the channels, towards
+    `size`^3 -> per-class logits at `size`^3."""
 
     def __init__(self, dim: int, grid: tuple[int, int, int], n_classes: int, size: int, width: int = 64):
         super().__init__()
-        self.grid, self.size = grid, size
+        self.grid = grid
         self.project = nn.Conv3d(dim, width, 1)
-        sizes = np.geomspace(grid[0], size, 4)[1:]  # three upsamplings to the view size
+        widths = [width, width // 2, width // 4, width // 8]
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv3d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.GELU())
-            for _ in sizes
+            nn.Sequential(nn.Conv3d(a, b, 3, padding=1), nn.GroupNorm(min(8, b), b), nn.GELU())
+            for a, b in zip(widths, widths[1:])
         )
-        self.sizes = [int(round(s)) for s in sizes[:-1]] + [size]
-        self.out = nn.Conv3d(width, n_classes, 1)
+        steps = np.geomspace(grid[0], size, 4)[1:]  # three upsamplings to the view size
+        self.sizes = [int(round(s)) for s in steps[:-1]] + [size]
+        self.out = nn.Conv3d(widths[-1], n_classes, 1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, n, d = tokens.shape
@@ -128,6 +130,19 @@ def cox_loss(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor) -> tor
     at_risk = time[None, :] >= time[event][:, None]  # (events, n)
     log_sum = torch.logsumexp(risk[None, :].masked_fill(~at_risk, -torch.inf), dim=1)
     return -(risk[event] - log_sum).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus the soft Dice loss of the foreground classes (1 - mean Dice over the
+    classes present in the batch): small structures (ventricles fill well under 1% of a head's
+    view) are not outweighed by the background, as with cross-entropy alone."""
+    probs = logits.softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+    dims = (0, *range(2, logits.ndim))
+    inter, total = (probs * onehot).sum(dims)[1:], (probs + onehot).sum(dims)[1:]
+    present = onehot.sum(dims)[1:] > 0
+    dice = (2 * inter / total.clamp_min(1e-6))[present]
+    return F.cross_entropy(logits, target) + (1 - dice.mean() if len(dice) else 0.0)
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -177,7 +192,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndar
 
 
 def _tensor(a) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(a), dtype=torch.float32)
+    return torch.tensor(np.asarray(a), dtype=torch.float32)  # a copy: inputs may be read-only
 
 
 def mlp_probe(
@@ -284,5 +299,5 @@ def mask_probe(
     def validate(m: nn.Module) -> float:
         return dice_scores(labels(m, xv), masks_val, n_classes)["dice_macro"]
 
-    model, _ = fit_probe(model, x, y, F.cross_entropy, validate, cfg)
+    model, _ = fit_probe(model, x, y, segmentation_loss, validate, cfg)
     return lambda tokens: labels(model, _tensor(tokens))

@@ -212,20 +212,23 @@ def _storage(launch: SweepLaunch):
 
 
 def build_tuner(
-    cfg: FinetuneConfig,
+    cfg,
     launch: SweepLaunch,
     param_space: dict,
     name: str,
     search_alg=None,
     scheduler=None,
     num_samples: int = 1,
+    fn=trial,
+    metric: str = METRIC,
 ):
-    """A Tuner over `trial` named `name` under `<storage>/<study>/tune/`, or that experiment restored
-    when it already exists there (finished trials kept, unfinished ones resumed)."""
+    """A Tuner over `fn` (default: the fine-tuning `trial`) named `name` under
+    `<storage>/<study>/tune/`, or that experiment restored when it already exists there (finished
+    trials kept, unfinished ones resumed)."""
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(trial, cfg=cfg, launch=launch),
+        tune.with_parameters(fn, cfg=cfg, launch=launch),
         {"cpu": launch.cpus_per_trial, "gpu": launch.gpus_per_trial},
     )
     path, fs = _storage(launch)
@@ -238,7 +241,7 @@ def build_tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=METRIC,
+            metric=metric,
             mode="max",
             search_alg=search_alg,
             scheduler=scheduler,
@@ -319,3 +322,77 @@ def _optuna_tuner(cfg: FinetuneConfig, launch: SweepLaunch, base: dict[str, Any]
         scheduler=asha,
         num_samples=s.optuna_trials,
     )
+
+
+# -- the probe suite (issue 12) --------------------------------------------------------------------
+def _view_masks(launch: SweepLaunch, frame: pd.DataFrame, name: str, view) -> dict:
+    """Mask `name` of each scan of `frame` that has one, cut to the evaluation view."""
+    from fmct_ray.downstream.suite import view_labels
+    from fmct_ray.ingest import SiteStore
+
+    stores = {site: SiteStore(uri) for site, uri in launch.stores.items()}
+    out = {}
+    for row in frame[["scan_id", "site"]].itertuples():
+        if row.site not in stores:
+            raise ValueError(f"mask task: no store given for site {row.site!r} (--stores)")
+        try:
+            out[row.scan_id] = view_labels(stores[row.site].read_mask(row.scan_id, name), view)
+        except FileNotFoundError:
+            continue  # a scan without this mask: not labelled for the task
+    return out
+
+
+def probe_trial(config: dict[str, Any], cfg, launch: SweepLaunch) -> None:
+    """One trial of the probe suite: fit on the run's site, report the validation metric
+    (`val`), score every site's test split and write one row per evaluated site to
+    `<storage>/<study>/probes/<run key>.parquet`."""
+    from ray import tune
+
+    from fmct_ray.downstream.suite import fit_probe_for, labelled, score, suite_key, validation_value
+
+    run = config["run"]
+    spec = next(t for t in cfg.tasks if t.name == run["task"])
+    table = load_table(launch.labels, launch.embeddings, launch.storage)
+    masks = _view_masks(launch, table, spec.columns[0], cfg.view) if spec.kind == "mask" else None
+    site = table[table["site"] == run["site"]]
+    train, val = (labelled(spec, site[site["split"] == s], masks) for s in ("train", "val"))
+    predict, val_value = None, 0.0
+    if run["probe"] != "retrieval":
+        probe_cfg = dataclasses.replace(cfg.probe, lr=run["lr"], seed=run["seed"])
+        predict = fit_probe_for(spec, run["probe"], train, val, cfg.view, masks, probe_cfg)
+        val_value = validation_value(spec, score(spec, val, predict(val), masks, train))
+    rows = []
+    for eval_site, group in table[table["split"] == "test"].groupby("site"):
+        test = labelled(spec, group, masks)
+        metrics = score(spec, test, None if predict is None else predict(test), masks, train)
+        rows.append({**run, "kind": spec.kind, "eval_site": eval_site, "n": len(test), **metrics})
+    buf = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(buf, index=False)
+    fs, root = filesystem(launch.experiment_uri, launch.storage)
+    atomic_write(fs, join(root, "probes", suite_key(run) + ".parquet"), buf.getvalue())
+    tune.report({"val": val_value})
+
+
+def run_probe_sweep(cfg, launch: SweepLaunch) -> pd.DataFrame:
+    """The probe suite's matrix (`fmct_ray.downstream.suite.SuiteConfig`) as one Tune experiment
+    named "probes"; returns Tune's results table (the metrics: `probe_results`)."""
+    from ray import tune
+
+    from fmct_ray.downstream.suite import suite_runs
+
+    labels = pd.read_parquet(launch.labels, columns=["site"])
+    runs = suite_runs(cfg, list(cfg.sites) or sorted(labels["site"].unique()))
+    return _fit(
+        build_tuner(cfg, launch, {"run": tune.grid_search(runs)}, "probes", fn=probe_trial, metric="val")
+    )
+
+
+def probe_results(launch: SweepLaunch) -> pd.DataFrame:
+    """Every probe-suite trial's rows (`probe_trial`): run, evaluated site, its metrics."""
+    fs, root = filesystem(launch.experiment_uri, launch.storage)
+    files = sorted(fs.glob(join(root, "probes", "*.parquet")))
+    frames = []
+    for path in files:
+        with fs.open(path, "rb") as f:
+            frames.append(pd.read_parquet(f))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
