@@ -11,7 +11,7 @@ r"""The fine-tuning matrix on Ray Tune: tasks x sites x modes x K x seeds, with 
 
     # 3. the probe suite beyond classification (regression, survival, retrieval, localisation,
     #    segmentation; typed targets in the label table, masks in the stores)
-    python jobs/finetune.py suite --config configs/finetune/suite_synthetic.yaml --name study \
+    python jobs/finetune.py suite --config configs/suite/synthetic.yaml --name study \
         --storage runs --labels labels.parquet --embeddings embeddings.parquet --stores s=store
 
 Running the same sweep or suite command again resumes it (finished trials are not re-run). Each

@@ -6,6 +6,7 @@ import pytest
 
 from fmct_ray import config as C
 from fmct_ray.downstream.config import FinetuneConfig
+from fmct_ray.downstream.suite import SuiteConfig
 from fmct_ray.eval.labels import LabelConfig
 from fmct_ray.ingest.pipeline import IngestConfig
 from fmct_ray.sites import SitesConfig
@@ -20,6 +21,7 @@ CONFIG_KINDS = {
     "finetune": FinetuneConfig,
     "labels": LabelConfig,
     "sites": SitesConfig,
+    "suite": SuiteConfig,
 }
 
 
