@@ -204,3 +204,25 @@ def test_probe_sweep_covers_every_category_and_resumes(tmp_path):
             assert at("finding", "retrieval")["chance@10"] == pytest.approx(
                 min(10, negatives + 1) / (negatives + 1)
             )
+
+
+def test_a_prediction_written_as_nifti_sits_where_its_stored_voxels_are(tmp_path):
+    """A label predicted on the view grid, written with `write_prediction_nifti`, lands in world
+    coordinates on the stored voxels it was cut from (`view_labels`), for a stored volume whose
+    box is not at the world origin."""
+    import nibabel as nib
+
+    from fmct_ray.downstream.suite import write_prediction_nifti
+
+    stored_affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    stored_affine[:3, 3] = [-111.0, -95.5, -60.0]
+    mask = np.zeros((224, 224, 224), np.uint8)
+    mask[100:130, 40:70, 150:160] = 1
+    write_prediction_nifti(view_labels(mask, VIEW), VIEW, stored_affine, tmp_path / "pred.nii.gz")
+    image = nib.load(tmp_path / "pred.nii.gz")
+    idx = np.argwhere(np.asarray(image.dataobj) == 1)
+    world = nib.affines.apply_affine(image.affine, idx)
+    stored_idx = nib.affines.apply_affine(np.linalg.inv(stored_affine), world)
+    np.testing.assert_allclose(stored_idx, np.round(stored_idx), atol=1e-9)  # on stored voxel centres
+    assert (mask[tuple(np.round(stored_idx).astype(int).T)] == 1).all()
+    np.testing.assert_allclose(np.abs(np.diag(image.affine)[:3]), 3.0)  # 3 mm voxels

@@ -239,3 +239,22 @@ def validation_value(spec: TaskSpec, metrics: dict[str, float]) -> float:
         "point": lambda m: -m["error_mm"],
         "mask": lambda m: m["dice_macro"],
     }[spec.kind](metrics)
+
+
+def view_affine(view: ViewConfig, stored_affine: np.ndarray, stored: int = 224) -> np.ndarray:
+    """Voxel -> world (RAS mm) affine of a volume on the evaluation view's grid (a segmentation
+    prediction), given the stored volume's own affine (the store's `affine` attribute)."""
+    step = view.crop / view.size
+    to_stored = np.diag([step, step, step, 1.0])
+    to_stored[:3, 3] = (stored - view.crop) // 2 + step / 2 - 0.5  # view voxel centres in stored indices
+    return np.asarray(stored_affine, dtype=np.float64) @ to_stored
+
+
+def write_prediction_nifti(labels: np.ndarray, view: ViewConfig, stored_affine: np.ndarray, path) -> None:
+    """A predicted label volume (view grid) as NIfTI in the scan's world frame, to view over the
+    stored volume (or the original scan) in any viewer."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), view_affine(view, stored_affine))
+    image.header.set_xyzt_units("mm")
+    nib.save(image, str(path))
