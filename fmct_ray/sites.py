@@ -245,12 +245,15 @@ def remote_args(site: SiteSpec) -> dict[str, Any]:
 def run_on_site(site: SiteSpec, fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)` where `site` may be read: here for an unrestricted site, else in a Ray task on
     one of the site's nodes (no CPU reserved: it is a short I/O call that must not wait behind the
-    readers holding the node's CPUs)."""
+    readers holding the node's CPUs), outside any placement group of the caller (a Tune trial's
+    group holds another site's resource)."""
     if not site.resource:
         return fn(*args)
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    task = ray.remote(fn).options(num_cpus=0, max_retries=2, **remote_args(site))
+    outside = PlacementGroupSchedulingStrategy(placement_group=None)
+    task = ray.remote(fn).options(num_cpus=0, max_retries=2, scheduling_strategy=outside, **remote_args(site))
     return ray.get(task.remote(*args))
 
 

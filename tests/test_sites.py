@@ -442,3 +442,53 @@ def test_embeddings_read_each_site_on_its_node(two_nodes, tmp_path):
         assert misplaced(audit, root, tag, nodes[tag]) == []
     pids = {e["pid"] for e in reads_of(audit, roots["A"]) + reads_of(audit, roots["B"])}
     assert os.getpid() not in pids, "the driver read a pinned store"
+
+
+def test_full_finetuning_reads_each_pinned_site_on_its_node(two_nodes, tmp_path):
+    """A full fine-tuning sweep over two pinned sites (`SweepLaunch.resources`): each trial runs on
+    its training site's node and predicts the other site's test scans on that site's node, so
+    every read of a site's volumes happens on its node and none on the driver; both trials score
+    both sites' test splits."""
+    from fmct_ray.downstream.config import FinetuneConfig
+    from fmct_ray.downstream.tune import SweepLaunch, run_finetune_sweep
+
+    nodes, audit, stores = two_nodes
+    splits = ("train", "train", "val", "val", "test", "test")
+    rows = []
+    for tag in nodes:
+        rows.append(write_store(str(stores / f"{tag}_ft"), 6, site=tag, seed=ord(tag) + 1, splits=splits))
+    labels = pd.concat(rows, ignore_index=True).assign(Hydro=[1, 0] * 6)  # both classes in every split
+    labels[["scan_id", "patient_id", "site", "split", "Hydro"]].to_parquet(tmp_path / "labels.parquet")
+    roots = {tag: alias(stores, f"{tag}_ft", f"{tag}_finetune") for tag in nodes}
+    launch = SweepLaunch(
+        name="pinned",
+        storage_path=str(tmp_path / "runs"),
+        labels=str(tmp_path / "labels.parquet"),
+        stores={tag: f"audit://{roots[tag]}" for tag in nodes},
+        cpus_per_trial=0.5,
+        resources={tag: f"site_{tag.lower()}" for tag in nodes},
+    )
+    overrides = [
+        "task=Hydro",
+        "mode=full",
+        "view.size=32",
+        "train.epochs=1",
+        "train.samples_per_epoch=4",
+        "train.small_samples_per_epoch=4",
+        "sweep.tasks=[Hydro]",
+        "sweep.modes=[full]",
+        "sweep.shots=[0]",
+    ]
+    cfg = config_lib.load(FinetuneConfig, ROOT / "configs" / "finetune" / "debug_tiny.yaml", overrides)
+    frame = run_finetune_sweep(cfg, launch)
+    assert len(frame) == 2
+    preds = pd.concat(
+        pd.read_parquet(p) for p in (tmp_path / "runs" / "pinned" / "predictions").glob("*.parquet")
+    )
+    assert sorted(preds.groupby(["train_site", "eval_site"]).size().items()) == [
+        (("A", "A"), 2), (("A", "B"), 2), (("B", "A"), 2), (("B", "B"), 2)
+    ]  # fmt: skip
+    for tag, root in roots.items():
+        assert reads_of(audit, root), f"no read of site {tag}'s store recorded"
+        assert misplaced(audit, root, tag, nodes[tag]) == []
+    assert os.getpid() not in {e["pid"] for e in reads_of(audit, roots["A"]) + reads_of(audit, roots["B"])}

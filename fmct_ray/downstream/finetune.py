@@ -247,6 +247,18 @@ def fit(
 
 
 # -- one run, end to end ---------------------------------------------------------------------------
+def _predict_views(
+    cfg: FinetuneConfig, state: dict, rows: pd.DataFrame, stores: dict[str, str]
+) -> np.ndarray:
+    """Scores of `rows` by the classifier of `cfg` with weights `state`, reading their views here."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = build_backbone(cfg.backbone)
+    model = Classifier(build_head(cfg.mode, backbone.embed_dim), cfg.mode, backbone, cfg.features).to(device)
+    model.load_state_dict(state)
+    loader = ViewLoader(stores, cfg.view, threads=cfg.train.read_threads)
+    return predict(model, volume_inputs(rows, loader, cfg.view, device), cfg.train.batch_size)
+
+
 def run_finetune(
     cfg: FinetuneConfig,
     table: pd.DataFrame,
@@ -254,6 +266,7 @@ def run_finetune(
     stores: dict[str, str] | None = None,
     report=None,
     resume: dict | None = None,
+    resources: dict[str, str] | None = None,
 ) -> tuple[FitResult, pd.DataFrame]:
     """Train `cfg.task` on `site` and predict the test split of every site.
 
@@ -264,6 +277,10 @@ def run_finetune(
         site: training site.
         stores: site -> store URI (volume path).
         report, resume: see `fit`.
+        resources: site -> custom resource of the sites pinned to their nodes: on the volume path,
+            the test scans of such a site (other than `site`, whose nodes the caller runs on) are
+            predicted on one of its nodes (`fmct_ray.sites.run_on_site`), the model's weights
+            travelling there, its volumes never leaving.
 
     Returns:
         (fit result, test predictions: scan_id, patient_id, site, split, label, score).
@@ -273,6 +290,7 @@ def run_finetune(
         few_shot_pool(parts["train"]["label"].to_numpy(), cfg.train.shots, cfg.train.seed)
     ]
     torch.manual_seed(cfg.train.seed)
+    away = parts["test"].iloc[:0]  # test scans of sites pinned elsewhere: predicted on their nodes
     if cfg.fast_path and cfg.mode != "full":
         inputs = {k: embedding_inputs(v, cfg.mode, cfg.features) for k, v in parts.items()}
         model = Classifier(build_head(cfg.mode, len(table["cls"].iloc[0])), cfg.mode, features=cfg.features)
@@ -284,14 +302,22 @@ def run_finetune(
         backbone = build_backbone(cfg.backbone)
         head = build_head(cfg.mode, backbone.embed_dim)
         model = Classifier(head, cfg.mode, backbone, cfg.features).to(device)
+        elsewhere = parts["test"]["site"].isin({s for s in (resources or {}) if s != site})
+        away, parts["test"] = parts["test"][elsewhere], parts["test"][~elsewhere]
         inputs = {
             k: volume_inputs(v, loader, cfg.view, device, cfg.train.flip_prob if k == "train" else 0.0)
             for k, v in parts.items()
         }
     result = fit(model, inputs["train"], inputs["val"], cfg.optim, cfg.train, report, resume)
     result.model = model
-    test = inputs["test"]
-    preds = test.rows[["scan_id", "patient_id", "site", "split", "label"]].assign(
-        score=predict(model, test, cfg.train.batch_size)
-    )
+    cols = ["scan_id", "patient_id", "site", "split", "label"]
+    preds = inputs["test"].rows[cols].assign(score=predict(model, inputs["test"], cfg.train.batch_size))
+    if len(away):
+        from fmct_ray.sites import SiteSpec, run_on_site
+
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        for other, rows in away.groupby("site"):
+            spec = SiteSpec(other, stores[other], resource=resources[other])
+            scores = run_on_site(spec, _predict_views, cfg, state, rows, {other: stores[other]})
+            preds = pd.concat([preds, rows[cols].assign(score=scores)], ignore_index=True)
     return result, preds

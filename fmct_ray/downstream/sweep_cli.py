@@ -13,19 +13,21 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", required=True, help="local folder or s3://bucket/prefix for results")
     p.add_argument("--labels", required=True, help="labels.parquet from jobs/labels.py")
     p.add_argument("--embeddings", help="embeddings Parquet (fast path of the frozen modes)")
-    add_store_args(p)
+    add_store_args(p, sites_file=True)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, default=0, help="0: as many as resources allow")
 
 
 def launch_from_args(args: argparse.Namespace) -> SweepLaunch:
+    sites = sites_from_args(args)
     return SweepLaunch(
         name=args.name,
         storage_path=args.storage,
         labels=args.labels,
         embeddings=args.embeddings,
-        stores={s.name: s.uri for s in sites_from_args(args)},
+        stores={s.name: s.uri for s in sites},
+        resources={s.name: s.resource for s in sites if s.resource},
         cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent,

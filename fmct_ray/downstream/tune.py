@@ -54,6 +54,9 @@ class SweepLaunch:
         gpus_per_trial: GPUs per trial (fractions allowed for small probes).
         max_concurrent: concurrent trials (0: as many as the resources allow).
         storage: credentials reference of the storage path (and of s3:// labels and embeddings).
+        resources: site -> custom resource of the sites pinned to their nodes (`SiteSpec.resource`):
+            a trial that reads a pinned site's volumes runs on that site's nodes, and predicts the
+            test split of another pinned site on that site's nodes.
     """
 
     name: str
@@ -65,6 +68,7 @@ class SweepLaunch:
     gpus_per_trial: float = 0.0
     max_concurrent: int = 0
     storage: StorageConfig = field(default_factory=StorageConfig)
+    resources: dict[str, str] = field(default_factory=dict)
 
     @property
     def experiment_uri(self) -> str:
@@ -200,7 +204,7 @@ def trial(config: dict[str, Any], cfg: FinetuneConfig, launch: SweepLaunch) -> N
             torch.save(state(), Path(d) / "state.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    result, preds = run_finetune(rcfg, table, run["site"], launch.stores, report, resume)
+    result, preds = run_finetune(rcfg, table, run["site"], launch.stores, report, resume, launch.resources)
     write_predictions(launch, run, preds, result)
 
 
@@ -227,10 +231,17 @@ def build_tuner(
     trials kept, unfinished ones resumed)."""
     from ray import tune
 
-    trainable = tune.with_resources(
-        tune.with_parameters(fn, cfg=cfg, launch=launch),
-        {"cpu": launch.cpus_per_trial, "gpu": launch.gpus_per_trial},
-    )
+    base = {"CPU": launch.cpus_per_trial, "GPU": launch.gpus_per_trial}
+
+    def resources(config: dict) -> tune.PlacementGroupFactory:
+        """A trial that reads a pinned site's volumes runs on one of its nodes."""
+        run = {**config.get("run", config), **{k: v for k, v in config.items() if k != "run"}}
+        rcfg = run_config(cfg, run) if fn is trial else None
+        reads = rcfg is not None and not (rcfg.fast_path and rcfg.mode != "full")
+        pinned = launch.resources.get(run.get("site")) if reads else None
+        return tune.PlacementGroupFactory([{**base, **({pinned: 0.001} if pinned else {})}])
+
+    trainable = tune.with_resources(tune.with_parameters(fn, cfg=cfg, launch=launch), resources)
     path, fs = _storage(launch)
     exp_path = join(path, name) if fs is not None else str(Path(path) / name)
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
