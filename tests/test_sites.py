@@ -447,10 +447,10 @@ def test_embeddings_read_each_site_on_its_node(two_nodes, tmp_path):
 def test_full_finetuning_reads_each_pinned_site_on_its_node(two_nodes, tmp_path):
     """A full fine-tuning sweep over two pinned sites (`SweepLaunch.resources`): each trial runs on
     its training site's node and predicts the other site's test scans on that site's node, so
-    every read of a site's volumes happens on its node and none on the driver; both trials score
-    both sites' test splits."""
-    from fmct_ray.downstream.config import FinetuneConfig
-    from fmct_ray.downstream.tune import SweepLaunch, run_finetune_sweep
+    every read of a site's volumes happens on its node and none on a driver; both trials score
+    both sites' test splits. The sweep's driver is a process of its own: Tune keeps state of the
+    first cluster a process used (another test's), and its trials on this one then die unstarted."""
+    import ray
 
     nodes, audit, stores = two_nodes
     splits = ("train", "train", "val", "val", "test", "test")
@@ -460,7 +460,7 @@ def test_full_finetuning_reads_each_pinned_site_on_its_node(two_nodes, tmp_path)
     labels = pd.concat(rows, ignore_index=True).assign(Hydro=[1, 0] * 6)  # both classes in every split
     labels[["scan_id", "patient_id", "site", "split", "Hydro"]].to_parquet(tmp_path / "labels.parquet")
     roots = {tag: alias(stores, f"{tag}_ft", f"{tag}_finetune") for tag in nodes}
-    launch = SweepLaunch(
+    launch = dict(
         name="pinned",
         storage_path=str(tmp_path / "runs"),
         labels=str(tmp_path / "labels.parquet"),
@@ -479,9 +479,27 @@ def test_full_finetuning_reads_each_pinned_site_on_its_node(two_nodes, tmp_path)
         "sweep.modes=[full]",
         "sweep.shots=[0]",
     ]
-    cfg = config_lib.load(FinetuneConfig, ROOT / "configs" / "finetune" / "debug_tiny.yaml", overrides)
-    frame = run_finetune_sweep(cfg, launch)
-    assert len(frame) == 2
+    recipe = str(ROOT / "configs" / "finetune" / "debug_tiny.yaml")
+    driver = f"""
+import os, sys, ray
+from ray import cloudpickle
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_sites
+from fmct_ray import config
+from fmct_ray.downstream.config import FinetuneConfig
+from fmct_ray.downstream.tune import SweepLaunch, run_finetune_sweep
+cloudpickle.register_pickle_by_value(test_sites)
+hook = {{"worker_process_setup_hook": test_sites.register_audit}}
+env = {{**hook, "env_vars": {{"FMCT_AUDIT_DIR": {str(audit)!r}}}}}
+ray.init(address={ray.get_runtime_context().gcs_address!r}, runtime_env=env)
+frame = run_finetune_sweep(config.load(FinetuneConfig, {recipe!r}, {overrides!r}), SweepLaunch(**{launch!r}))
+print("pid", os.getpid(), "trials", len(frame))
+"""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "FMCT_AUDIT_DIR": str(audit)}
+    env.pop("RAY_AUTH_TOKEN", None)
+    out = subprocess.run([sys.executable, "-c", driver], env=env, text=True, capture_output=True, timeout=600)
+    assert " trials 2" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    driver_pid = int(out.stdout.split("pid ")[-1].split()[0])
     preds = pd.concat(
         pd.read_parquet(p) for p in (tmp_path / "runs" / "pinned" / "predictions").glob("*.parquet")
     )
@@ -491,4 +509,5 @@ def test_full_finetuning_reads_each_pinned_site_on_its_node(two_nodes, tmp_path)
     for tag, root in roots.items():
         assert reads_of(audit, root), f"no read of site {tag}'s store recorded"
         assert misplaced(audit, root, tag, nodes[tag]) == []
-    assert os.getpid() not in {e["pid"] for e in reads_of(audit, roots["A"]) + reads_of(audit, roots["B"])}
+    pids = {e["pid"] for e in reads_of(audit, roots["A"]) + reads_of(audit, roots["B"])}
+    assert not pids & {os.getpid(), driver_pid}, "a driver read a pinned store"
