@@ -247,13 +247,19 @@ def fit(
 
 
 # -- one run, end to end ---------------------------------------------------------------------------
+def _volume_model(cfg: FinetuneConfig) -> tuple[Classifier, torch.device]:
+    """The backbone + head classifier of the volume path, on the device it runs on."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = build_backbone(cfg.backbone)
+    head = build_head(cfg.mode, backbone.embed_dim)
+    return Classifier(head, cfg.mode, backbone, cfg.features).to(device), device
+
+
 def _predict_views(
     cfg: FinetuneConfig, state: dict, rows: pd.DataFrame, stores: dict[str, str]
 ) -> np.ndarray:
     """Scores of `rows` by the classifier of `cfg` with weights `state`, reading their views here."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backbone = build_backbone(cfg.backbone)
-    model = Classifier(build_head(cfg.mode, backbone.embed_dim), cfg.mode, backbone, cfg.features).to(device)
+    model, device = _volume_model(cfg)
     model.load_state_dict(state)
     loader = ViewLoader(stores, cfg.view, threads=cfg.train.read_threads)
     return predict(model, volume_inputs(rows, loader, cfg.view, device), cfg.train.batch_size)
@@ -297,11 +303,8 @@ def run_finetune(
     else:
         if not stores:
             raise ValueError("the volume path needs the site stores")
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         loader = ViewLoader(stores, cfg.view, threads=cfg.train.read_threads)
-        backbone = build_backbone(cfg.backbone)
-        head = build_head(cfg.mode, backbone.embed_dim)
-        model = Classifier(head, cfg.mode, backbone, cfg.features).to(device)
+        model, device = _volume_model(cfg)
         elsewhere = parts["test"]["site"].isin({s for s in (resources or {}) if s != site})
         away, parts["test"] = parts["test"][elsewhere], parts["test"][~elsewhere]
         inputs = {

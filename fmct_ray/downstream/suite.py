@@ -122,14 +122,15 @@ def fit_probe_for(
     train, val = labelled(spec, train, masks), labelled(spec, val, masks)
     x, y = _inputs(spec, train), _target(spec, train, masks)
     xv, yv = _inputs(spec, val), _target(spec, val, masks)
+    grid = (round(x.shape[1] ** (1 / 3)),) * 3 if spec.kind in ("point", "mask") else None
     if probe == "knn":
         predict = knn_probe(x, y, xv, yv)[1]
     elif probe == "mlp":
         predict = mlp_probe(spec.kind, x, y, xv, yv, cfg)
     elif probe == "attention":
-        predict = point_probe(x, y, xv, yv, patch_positions((round(x.shape[1] ** (1 / 3)),) * 3, view), cfg)
+        predict = point_probe(x, y, xv, yv, patch_positions(grid, view), cfg)
     else:
-        predict = mask_probe(x, y, xv, yv, (round(x.shape[1] ** (1 / 3)),) * 3, spec.n_classes, cfg)
+        predict = mask_probe(x, y, xv, yv, grid, spec.n_classes, cfg)
     return lambda frame: predict(_inputs(spec, frame))
 
 
