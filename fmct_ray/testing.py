@@ -171,16 +171,16 @@ class Relay:
         self.down()
 
 
+START_ATTEMPTS = 3
+
+
 class RayCluster:
     """A head node started with `ray start --head` on loopback, in its own temp dir."""
 
     def __init__(self, num_cpus: int = 2, resources: str | None = None) -> None:
         self.num_cpus = num_cpus
         self.resources = resources
-        # every port of the head at once: distinct (see free_ports)
-        self.port, self.dashboard_port, *self.component_ports = free_ports(7)
-        self.address = f"127.0.0.1:{self.port}"
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self._pick_ports()
         self.tmp = tempfile.mkdtemp(prefix="ray_")
         # Jobs run `python ...`: make that the interpreter (and virtualenv) running this code.
         bin_dir = str(Path(sys.executable).parent)
@@ -192,11 +192,28 @@ class RayCluster:
         # Token authentication, as on a real cluster: `ray job submit` must present the token.
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 
+    def _pick_ports(self) -> None:
+        # every port of the head at once: distinct (see free_ports)
+        self.port, self.dashboard_port, *self.component_ports = free_ports(7)
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+
     def ray(self, *args: str, **kw) -> subprocess.CompletedProcess:
         exe = str(Path(sys.executable).parent / "ray")
         return subprocess.run([exe, *args], env=self.env, text=True, capture_output=True, **kw)
 
     def __enter__(self) -> RayCluster:
+        for _ in range(START_ATTEMPTS):
+            out = self.ray(*self._start_args(), timeout=180)
+            if out.returncode == 0:
+                return self
+            # Ray gives the raylet a fixed 30 s to register with the GCS, which a loaded 2-core
+            # machine can miss (CI did): clear what this try left and start again on fresh ports.
+            kill_processes_under(self.tmp)
+            self._pick_ports()
+        raise RuntimeError(f"ray start failed {START_ATTEMPTS} times:\n{out.stdout}\n{out.stderr}")
+
+    def _start_args(self) -> list[str]:
         args = [
             "start",
             "--head",
@@ -226,10 +243,7 @@ class RayCluster:
         ]
         if self.resources:
             args.append(f"--resources={self.resources}")
-        out = self.ray(*args, timeout=180)
-        if out.returncode != 0:
-            raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
-        return self
+        return args
 
     def submit(
         self, *entrypoint: str, working_dir: str = ".", env: dict | None = None, timeout: float = 900

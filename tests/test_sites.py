@@ -30,7 +30,7 @@ from fmct_ray.sites import (
 )
 from fmct_ray.storage import StorageConfig
 from fmct_ray.synthetic import write_store
-from fmct_ray.testing import RayCluster, free_ports, kill_processes_under
+from fmct_ray.testing import START_ATTEMPTS, RayCluster, free_ports, kill_processes_under
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,38 +233,42 @@ RAY_START_ON_LOOPBACK = (
 
 def start_worker_node(head: RayCluster, tmp: str, resources: dict, tag: str) -> None:
     """A second node joining `head`, carrying `resources` and FMCT_TEST_NODE=`tag` in the
-    environment of its raylet (and so of every worker process it starts)."""
-    args = [
-        sys.executable,
-        "-c",
-        RAY_START_ON_LOOPBACK,
-        "start",
-        f"--address={head.address}",
-        "--node-ip-address=127.0.0.1",
-        "--num-cpus=1",
-        f"--resources={json.dumps(resources)}",
-        f"--temp-dir={tmp}",
-        "--disable-usage-stats",
-        *(
-            f"--{name}={port}"
-            for name, port in zip(
-                (
-                    "node-manager-port",
-                    "object-manager-port",
-                    "dashboard-agent-listen-port",
-                    "dashboard-agent-grpc-port",
-                    "runtime-env-agent-port",
-                    "metrics-export-port",
-                ),
-                free_ports(6),  # distinct: Ray refuses a port given to two components
-                strict=True,
-            )
-        ),
-    ]
+    environment of its raylet (and so of every worker process it starts). Tried again on fresh
+    ports like the head (RayCluster.__enter__) when the raylet misses Ray's 30 s to register."""
     env = {**head.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "FMCT_TEST_NODE": tag}
-    out = subprocess.run(args, env=env, text=True, capture_output=True, timeout=120)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker node failed to start:\n{out.stdout}\n{out.stderr}")
+    for _ in range(START_ATTEMPTS):
+        args = [
+            sys.executable,
+            "-c",
+            RAY_START_ON_LOOPBACK,
+            "start",
+            f"--address={head.address}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            f"--resources={json.dumps(resources)}",
+            f"--temp-dir={tmp}",
+            "--disable-usage-stats",
+            *(
+                f"--{name}={port}"
+                for name, port in zip(
+                    (
+                        "node-manager-port",
+                        "object-manager-port",
+                        "dashboard-agent-listen-port",
+                        "dashboard-agent-grpc-port",
+                        "runtime-env-agent-port",
+                        "metrics-export-port",
+                    ),
+                    free_ports(6),  # distinct: Ray refuses a port given to two components
+                    strict=True,
+                )
+            ),
+        ]
+        out = subprocess.run(args, env=env, text=True, capture_output=True, timeout=180)
+        if out.returncode == 0:
+            return
+        kill_processes_under(tmp)
+    raise RuntimeError(f"worker node failed to start:\n{out.stdout}\n{out.stderr}")
 
 
 @pytest.fixture(scope="module")
