@@ -448,11 +448,16 @@ def write_site(
     orientations: tuple[str, ...] = ("RAS", "LPS", "LAS", "LPI", "PIR"),
     shape: tuple[int, int, int] = (170, 200, 160),
     vary: bool = True,
+    masks: bool = False,
 ) -> list[dict]:
     """Write `n` synthetic scans as NIfTI under `folder`; returns one label dict per scan.
 
     Each file is `<patient>/<scan>.nii.gz` (patients have one or two scans); each finding is present
-    with probability `prevalence`. The grid is smaller than 224^3, so the ingest pads it.
+    with probability `prevalence`. The grid is smaller than 224^3, so the ingest pads it. Besides
+    the binary labels, each row has typed targets as a label file gives them: `ventricle_ml`,
+    `survival_years` / `survival_event`, and the largest lesion's centre `lesion_{x,y,z}` in the
+    file's RAS world frame (mm; empty without a lesion). `masks`: each head's label volume
+    (`MASK_CLASSES`) beside it as `<scan>_anatomy.nii.gz`, in the scan's orientation.
     """
     import nibabel as nib
 
@@ -461,14 +466,28 @@ def write_site(
     rows = []
     for i in range(n):
         patient = f"p{seed:03d}{i // 2 if i % 3 == 0 else i:04d}"
-        scan = synthetic_scan(rng, prevalence, shape, vary)
+        scan = synthetic_scan(rng, prevalence, shape, vary, survival=True, masks=masks)
         transform, affine = orientation_affine(orientations[i % len(orientations)], shape, (1.0, 1.0, 1.0))
         path = folder / patient / f"scan{i:04d}.nii.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
-        img = nib.Nifti1Image(transform(to_int16(scan.volume)), affine)
-        img.header.set_xyzt_units("mm")
-        nib.save(img, path)
-        rows.append({"file": str(path.relative_to(folder)), "patient": patient, **scan.findings.labels()})
+        for data, file in [(to_int16(scan.volume), path)] + (
+            [(scan.labels, path.with_name(f"scan{i:04d}_anatomy.nii.gz"))] if masks else []
+        ):
+            img = nib.Nifti1Image(transform(data), affine)
+            img.header.set_xyzt_units("mm")
+            nib.save(img, file)
+        record = scan.record()
+        # the grid's RAS-ordered index x 1 mm -> the file's world frame (origin at the grid's centre)
+        centre = [record[f"lesion_{a}_mm"] - (m - 1) / 2 for a, m in zip("xyz", shape, strict=True)]
+        rows.append(
+            {
+                "file": str(path.relative_to(folder)),
+                "patient": patient,
+                **scan.findings.labels(),
+                **{k: record[k] for k in ("ventricle_ml", "survival_years", "survival_event")},
+                **{f"lesion_{a}": v for a, v in zip("xyz", centre, strict=True)},
+            }
+        )
     return rows
 
 
@@ -480,6 +499,7 @@ def ingest_synthetic_sites(
     prevalence: float = 0.4,
     log: Callable[[str], None] = print,
     vary: bool = True,
+    masks: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Synthetic scans -> ingest -> labels, for the demo and the tests.
 
@@ -488,8 +508,10 @@ def ingest_synthetic_sites(
     exist (anything else under `out/raw/<site>`, e.g. linked real scans, is ingested as well), runs
     `run_ingest` into `out/stores/<site>` (`configs/ingest/default.yaml` + `ingest_overrides`; the
     patient is the NIfTI file's folder), then derives `out/labels/labels.parquet` from one label CSV
-    of every site with `site_labels` (`configs/labels/synthetic.yaml`). The site secret must be in
-    the environment (`FMCT_SITE_SECRET`). Returns (labels, label report).
+    of every site with `site_labels` (`configs/labels/synthetic.yaml`: the binary findings and
+    the typed targets of `write_site`). `masks`: the heads' label volumes are written and ingested
+    too (mask "anatomy"). The site secret must be in the environment (`FMCT_SITE_SECRET`).
+    Returns (labels, label report).
     """
     from fmct_ray import config as config_lib
     from fmct_ray.eval.labels import LabelConfig, site_labels
@@ -497,13 +519,19 @@ def ingest_synthetic_sites(
     from fmct_ray.sites import SiteSpec
 
     out = Path(out)
-    overrides = ["patient_id_pattern=([^/]+)/[^/]+$", *ingest_overrides]
+    overrides = [
+        "patient_id_pattern=([^/]+)/[^/]+$",
+        *(["masks={anatomy: _anatomy.nii.gz}"] if masks else []),
+    ]
+    overrides += ingest_overrides
     cfg = config_lib.load(IngestConfig, ROOT / "configs/ingest/default.yaml", overrides)
     label_rows = []
     for k, (site, n) in enumerate(sites.items()):
         raw, csv = out / "raw" / site, out / "raw" / f"{site}_labels.csv"
         if not csv.exists():
-            rows = write_site(raw / "synthetic", n=n, seed=seed + k, prevalence=prevalence, vary=vary)
+            rows = write_site(
+                raw / "synthetic", n=n, seed=seed + k, prevalence=prevalence, vary=vary, masks=masks
+            )
             pd.DataFrame([{**r, "file": f"synthetic/{r['file']}"} for r in rows]).to_csv(csv, index=False)
         log(f"\n== ingest {site} from {raw}")
         log(f"== {site}: {run_ingest(site, str(raw), str(out / 'stores' / site), cfg)}")

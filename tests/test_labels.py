@@ -75,7 +75,7 @@ def test_ehr_labels_known_answers(cfg):
             assert got.loc[scan, task] == int(task in positives), (scan, task)
     # never silently negative: no records / no scan time -> missing, and reported per task
     assert got.loc[["s6", "s7"]].isna().all().all()
-    table = report.table(labels, list(cfg.tasks)).set_index("task")
+    table = report.table(labels, cfg.tasks).set_index("task")
     assert table.loc["SAH", "positive"] == 1 and table.loc["SAH", "missing"] == 2
     assert "no scan time: 1" in table.loc["IPH", "reasons"]
     assert "patient has no EHR records: 1" in table.loc["IPH", "reasons"]
@@ -322,3 +322,149 @@ def test_times_in_several_formats_are_read(cfg):
     assert labels.set_index("scan_id").loc["s1", "SAH"] == 1
     with pytest.raises(ValueError, match="holds numbers"):
         derive_ehr_labels(ehr_rows().assign(time=1.7e9), scans(), cfg)
+
+
+# -- typed targets ----------------------------------------------------------------------------------
+TYPED = LabelConfig(
+    tasks={
+        "Bleed": TaskDefinition(column="bleed"),
+        "volume": TaskDefinition(kind="continuous", column="vol_ml"),
+        "os": TaskDefinition(kind="survival", columns=("years", "died")),
+        "centre": TaskDefinition(kind="point", columns=("x", "y", "z")),
+    }
+)
+
+
+def test_typed_targets_join_with_missing_invalid_and_contradictory_values_reported():
+    manifest = pd.DataFrame(
+        {"scan_id": list("abcdef"), "patient_id": list("abcdef"), "site": "A", "split": "train"}
+    )
+    table = pd.DataFrame(
+        {
+            "scan_id": ["a", "b", "c", "c", "d", "e", "e"],
+            "bleed": [1, 0, 1, 1, 0, 0, 0],
+            "vol_ml": ["12.5", "", "3", "3", "lots", "7", "8"],
+            "years": [2.0, 1.5, -1.0, -1.0, 4.0, 0.5, 0.5],
+            "died": ["yes", "no", 1, 1, "maybe", 0, 0],
+            "x": [10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 15.0],
+            "y": [20.0, 21.0, 22.0, 22.0, None, 25.0, 25.0],
+            "z": [30.0, 31.0, 32.0, 32.0, 34.0, 35.0, 35.0],
+        }
+    )
+    labels, table = C_label_scans(TYPED, manifest, table)
+    got = labels.set_index("scan_id")
+    assert list(labels.columns[4:]) == [
+        "Bleed", "volume", "os_time", "os_event", "centre_x_mm", "centre_y_mm", "centre_z_mm",
+    ]  # fmt: skip
+    assert got.loc["a", "volume"] == 12.5 and got.loc["c", "volume"] == 3.0
+    assert got.loc["a", ["os_time", "os_event"]].tolist() == [2.0, 1.0]
+    assert got.loc["b", ["os_time", "os_event"]].tolist() == [1.5, 0.0]
+    assert got.loc["a", ["centre_x_mm", "centre_y_mm", "centre_z_mm"]].tolist() == [10.0, 20.0, 30.0]
+    assert pd.isna(got.loc["b", "volume"])  # empty cell
+    assert pd.isna(got.loc["d", "volume"]) and got.loc[["c", "d"], ["os_time", "os_event"]].isna().all().all()
+    assert got.loc["c", ["centre_x_mm", "centre_y_mm", "centre_z_mm"]].isna().all()  # rows disagree on x
+    assert got.loc["d", ["centre_x_mm", "centre_y_mm", "centre_z_mm"]].isna().all()  # y empty: all missing
+    assert pd.isna(got.loc["e", "volume"]) and got.loc["e", "os_time"] == 0.5  # 7 vs 8 ml
+    assert got.loc["f"].drop(["patient_id", "site", "split"]).isna().all()
+    report = table.set_index("task")
+    assert report.loc["volume", "kind"] == "continuous" and report.loc["volume", "labelled"] == 2
+    assert report.loc["volume", "missing"] == 4 and pd.isna(report.loc["volume", "positive"])
+    assert "empty cell: 1" in report.loc["volume", "reasons"]
+    assert "invalid value in column(s) ['vol_ml']: 1" in report.loc["volume", "reasons"]
+    assert "contradictory rows for the same scan: 1" in report.loc["volume", "reasons"]
+    assert "no row in the label file: 1" in report.loc["volume", "reasons"]
+    assert "invalid value in column(s) ['years', 'died']: 3" in report.loc["os", "reasons"]
+    assert report.loc["os", "labelled"] == 3 and report.loc["Bleed", "positive"] == 2
+
+
+def C_label_scans(cfg, manifest, table, **kw):
+    from fmct_ray.eval.labels import label_scans
+
+    path = Path(__import__("tempfile").mkdtemp()) / "typed.csv"
+    table.to_csv(path, index=False)
+    return label_scans(cfg, manifest, public=path, **kw)
+
+
+def test_typed_targets_are_refused_where_they_cannot_come_from(tmp_path):
+    with pytest.raises(ValueError, match="names 2 label-file columns"):
+        LabelConfig(tasks={"os": TaskDefinition(kind="survival", columns=("t",))})
+    with pytest.raises(ValueError, match="from a label file, not codes"):
+        LabelConfig(tasks={"v": TaskDefinition(kind="continuous", codes=("I61",))})
+    with pytest.raises(ValueError, match="read per scan"):
+        LabelConfig(tasks={"v": TaskDefinition(kind="continuous")}, id_kind="patient")
+    from fmct_ray.eval.labels import derive_ehr_labels
+
+    with pytest.raises(ValueError, match="health records give binary labels"):
+        derive_ehr_labels(ehr_rows(), scans(), TYPED)
+    manifest = pd.DataFrame({"scan_id": ["a"], "patient_id": ["a"], "site": "A", "split": "train"})
+    table = pd.DataFrame({"scan_id": ["a"], "x": [1.0], "y": [2.0], "z": [3.0]})
+    world = LabelConfig(tasks={"c": TaskDefinition(kind="point", columns=("x", "y", "z"), frame="ras")})
+    with pytest.raises(ValueError, match="need the stores"):
+        C_label_scans(world, manifest, table)
+    with pytest.raises(ValueError, match="missing column"):
+        C_label_scans(TYPED, manifest, table)
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "PIR"])
+def test_world_points_land_on_their_structure_in_the_stored_volume(tmp_path, monkeypatch, orientation):
+    """A synthetic head written as NIfTI in another orientation, ingested; its largest lesion's
+    centre given in the file's RAS world frame (and as LPS) comes out of the labels job at the
+    centre of that lesion's voxels in the stored volume's label mask."""
+    import nibabel as nib
+    import numpy as np
+
+    from fmct_ray.eval.labels import site_labels
+    from fmct_ray.ingest.pipeline import IngestConfig, run_ingest
+    from fmct_ray.sites import SiteSpec
+    from fmct_ray.synthetic import MASK_CLASSES, orientation_affine, synthetic_scan, to_int16
+
+    monkeypatch.setenv("FMCT_SITE_SECRET", "typed-points")
+    shape = (150, 170, 140)
+    rng = np.random.default_rng(5)
+    scan = synthetic_scan(rng, prevalence=1.0, shape=shape, masks=True)
+    while not scan.findings.lesions:
+        scan = synthetic_scan(rng, prevalence=1.0, shape=shape, masks=True)
+    transform, affine = orientation_affine(orientation, shape, (1.0, 1.0, 1.0))
+    raw = tmp_path / "raw" / "p1"
+    raw.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(transform(to_int16(scan.volume)), affine), raw / "scan.nii.gz")
+    nib.save(nib.Nifti1Image(transform(scan.labels), affine), raw / "scan_anatomy.nii.gz")
+    cfg = IngestConfig(masks={"anatomy": "_anatomy.nii.gz"}, patient_id_pattern="([^/]+)/[^/]+$")
+    run_ingest("A", str(tmp_path / "raw"), str(tmp_path / "store"), cfg)
+    # the record's point is in the RAS-ordered grid (index x 1 mm); the file's world frame has
+    # its origin at the grid's centre (orientation_affine)
+    grid = np.array([scan.record()[f"lesion_{a}_mm"] for a in "xyz"])
+    ras = grid - (np.array(shape) - 1) / 2
+    label_file = tmp_path / "points.csv"
+    pd.DataFrame(
+        {
+            "file": ["p1/scan.nii.gz"],
+            "x": [ras[0]],
+            "y": [ras[1]],
+            "z": [ras[2]],
+            "lx": [-ras[0]],
+            "ly": [-ras[1]],
+        }
+    ).to_csv(label_file, index=False)
+    tasks = {
+        "ras": TaskDefinition(kind="point", columns=("x", "y", "z"), frame="ras"),
+        "lps": TaskDefinition(kind="point", columns=("lx", "ly", "z"), frame="lps"),
+    }
+    labels, _ = site_labels(
+        LabelConfig(tasks=tasks, id_column="file", id_kind="nifti_path"),
+        [SiteSpec("A", str(tmp_path / "store"))],
+        tmp_path / "labels",
+        public=label_file,
+    )
+    from fmct_ray.ingest import SiteStore
+
+    store = SiteStore(str(tmp_path / "store"))
+    (scan_id,) = store.manifest()["scan_id"]
+    lesion = np.argwhere(store.read_mask(scan_id, "anatomy") == MASK_CLASSES.index("hemorrhage"))
+    # the largest lesion's voxels: those nearest the labelled point (lesions do not overlap)
+    row = labels.set_index("scan_id").loc[scan_id]
+    for task in tasks:
+        point = row[[f"{task}_{a}_mm" for a in "xyz"]].to_numpy(float)
+        near = lesion[np.linalg.norm(lesion - point, axis=1) < 12]
+        assert len(near) > 20, (task, point)
+        assert np.linalg.norm(near.mean(0) - point) < 1.5, (task, point, near.mean(0))

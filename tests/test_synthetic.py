@@ -134,3 +134,34 @@ def test_write_store_keeps_masks_beside_the_volumes_and_survival_in_the_rows(tmp
         assert row.survival_years > 0
     with pytest.raises(FileNotFoundError, match="no mask 'other'"):
         store.read_mask(rows.scan_id[0], "other")
+
+
+def test_synthetic_sites_carry_a_target_of_every_category(tmp_path, monkeypatch):
+    """NIfTI sites -> ingest -> the labels job: binary findings, ventricle volume, survival and the
+    lesion centre (given in each file's world frame) in the label table, and the label volumes in
+    the store; each lesion centre lands on hemorrhage voxels of its stored mask."""
+    import pandas as pd
+
+    from fmct_ray.ingest import SiteStore
+    from fmct_ray.synthetic import MASK_CLASSES, ingest_synthetic_sites
+
+    monkeypatch.setenv("FMCT_SITE_SECRET", "every-category")
+    labels, report = ingest_synthetic_sites(
+        tmp_path, {"a": 6}, seed=3, prevalence=0.8, masks=True, log=lambda m: None
+    )
+    report = report.set_index("task")
+    assert set(report["kind"]) == {"binary", "continuous", "survival", "point"}
+    assert report.loc["VentricleVolume", "labelled"] == report.loc["Survival", "labelled"] == 6
+    raw = pd.read_csv(tmp_path / "raw" / "a_labels.csv")
+    assert report.loc["LesionCentre", "labelled"] == raw["lesion_x"].notna().sum() > 0
+    store = SiteStore(str(tmp_path / "stores" / "a"))
+    manifest = store.manifest().set_index("scan_id")
+    hemorrhage = MASK_CLASSES.index("hemorrhage")
+    for row in labels.itertuples():
+        assert list(manifest.loc[row.scan_id, "masks"]) == ["anatomy"]
+        assert row.VentricleVolume > 0 and row.Survival_event in (0.0, 1.0)
+        point = np.array([row.LesionCentre_x_mm, row.LesionCentre_y_mm, row.LesionCentre_z_mm])
+        if np.isnan(point).all():
+            continue
+        mask = store.read_mask(row.scan_id, "anatomy")
+        assert mask[tuple(np.round(point).astype(int))] == hemorrhage, (row.scan_id, point)

@@ -27,10 +27,17 @@ Two sources (issue 5, SPEC section 4):
   the majority (or any, or all) of the reads, per patient (`id_kind: patient`), and goes to the
   primary series of the patient's study (`fmct_ray.ingest.series`); other series stay missing.
 
-Labels are nullable (pandas "Int8": 1, 0, <NA>). A label is missing, never silently negative, when
-the scan has no time, the patient has no records at all, the file has no row or an empty cell for
-it, or its value is contradictory (two rows that disagree, a derived task negative while a task it
-includes is positive). `LabelReport` counts every such case per task with the reason.
+Besides binary tasks, a label file can carry typed targets (`TaskDefinition.kind`): continuous
+values (one float column), survival (`<task>_time`, `<task>_event`) and points (`<task>_{x,y,z}_mm`
+in the stored frame: voxel index x 1 mm; points given in the scan's own RAS or LPS world
+coordinates are mapped there through the stored volume's affine, as ingest mapped the scan).
+Masks are label volumes in the stores (ingest, `IngestConfig.masks`), not columns.
+
+Labels are nullable (pandas "Int8": 1, 0, <NA>; typed targets: float, NaN). A label is missing,
+never silently negative, when the scan has no time, the patient has no records at all, the file
+has no row or an empty cell for it, its value is invalid, or it is contradictory (two rows that
+disagree, a derived task negative while a task it includes is positive). `LabelReport` counts
+every such case per task with the reason.
 """
 
 from __future__ import annotations
@@ -52,21 +59,48 @@ FALSE = {"0", "0.0", "false", "no", "n", "negative", "neg", "f"}
 CONTRADICTED = -2.0  # the value of rows that disagree (RSNA: one slice and subtype listed twice)
 
 
+Kind = Literal["binary", "continuous", "survival", "point"]
+SUFFIXES: dict[str, tuple[str, ...]] = {  # the label table's columns of a task, after its name
+    "binary": ("",),
+    "continuous": ("",),
+    "survival": ("_time", "_event"),
+    "point": ("_x_mm", "_y_mm", "_z_mm"),
+}
+
+
 @dataclass(frozen=True)
 class TaskDefinition:
-    """One binary task.
+    """One task: binary (from EHR codes or a label file), or a typed target of a label file.
 
     Args:
         codes: ICD-10 codes; a trailing `*` makes the code a prefix.
         medications: drug names (case-insensitive whole words).
         include: other tasks whose definitions are unioned in (ICH = IPH + IVH + ...).
-        column: the column of a public label file holding this task (None: the task name).
+        column: the column of a public label file holding this task (None: the task name);
+            binary and continuous tasks.
+        kind: binary, continuous (a number), survival (time >= 0 and event) or point (x, y, z mm).
+        columns: the label file's columns of a survival (time, event) or point (x, y, z) task.
+        frame: where a point's coordinates are: "stored" (voxel index x 1 mm of the stored
+            volume), or the scan's own world frame in mm, "ras" (NIfTI) or "lps" (DICOM patient
+            coordinates).
     """
 
     codes: tuple[str, ...] = ()
     medications: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     column: str | None = None
+    kind: Kind = "binary"
+    columns: tuple[str, ...] = ()
+    frame: Literal["stored", "ras", "lps"] = "stored"
+
+    def sources(self, name: str) -> list[str]:
+        """The label file's columns of the task."""
+        return list(self.columns) if self.kind in ("survival", "point") else [self.column or name]
+
+
+def task_columns(name: str, task: TaskDefinition) -> list[str]:
+    """The label table's columns of a task."""
+    return [name + suffix for suffix in SUFFIXES[task.kind]]
 
 
 @dataclass(frozen=True)
@@ -115,6 +149,19 @@ class LabelConfig:
             expand(self, name)  # raises on include cycles
         if self.layout == "rsna2019" and self.id_kind != "dicom_slice":
             raise ValueError("layout rsna2019 labels slices: use id_kind: dicom_slice")
+        for name, task in self.tasks.items():
+            if task.kind == "binary":
+                continue
+            if task.codes or task.medications or task.include:
+                raise ValueError(f"task {name}: a {task.kind} target comes from a label file, not codes")
+            need = len(SUFFIXES[task.kind]) if task.kind != "continuous" else 0
+            if len(task.columns) != need:
+                raise ValueError(f"task {name}: a {task.kind} task names {need} label-file columns")
+            if self.layout != "wide" or self.readers or self.id_kind in ("dicom_slice", "patient"):
+                raise ValueError(
+                    f"task {name}: {task.kind} targets are read per scan from a wide label file "
+                    "(no readers; id_kind scan_id, nifti_path or dicom_series)"
+                )
 
 
 def expand(cfg: LabelConfig, task: str, seen: tuple[str, ...] = ()) -> tuple[set[str], set[str]]:
@@ -140,20 +187,23 @@ class LabelReport:
         if count:
             self.rows.append({"task": task, "reason": reason, "scans": int(count)})
 
-    def table(self, labels: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
-        """One row per task: scans, positive, negative, missing, and the reasons of the missing."""
+    def table(self, labels: pd.DataFrame, tasks: dict[str, TaskDefinition]) -> pd.DataFrame:
+        """One row per task: its kind, scans, labelled (binary: positive, negative), missing, and
+        the reasons of the missing."""
         out = []
-        for t in tasks:
-            col = labels[t]
-            reasons = "; ".join(f"{r['reason']}: {r['scans']}" for r in self.rows if r["task"] == t)
+        for t, d in tasks.items():
+            missing = labels[task_columns(t, d)].isna().any(axis=1)
+            col = labels[t] if d.kind == "binary" else None
             out.append(
                 {
                     "task": t,
-                    "scans": len(col),
-                    "positive": int((col == 1).sum()),
-                    "negative": int((col == 0).sum()),
-                    "missing": int(col.isna().sum()),
-                    "reasons": reasons,
+                    "kind": d.kind,
+                    "scans": len(labels),
+                    "labelled": int((~missing).sum()),
+                    "positive": pd.NA if col is None else int((col == 1).sum()),
+                    "negative": pd.NA if col is None else int((col == 0).sum()),
+                    "missing": int(missing.sum()),
+                    "reasons": "; ".join(f"{r['reason']}: {r['scans']}" for r in self.rows if r["task"] == t),
                 }
             )
         return pd.DataFrame(out)
@@ -204,6 +254,9 @@ def derive_ehr_labels(
         what: name of the EHR source in error messages.
     """
     _require(ehr, ["patient_id", "time", "code"], what)
+    typed = [t for t, d in cfg.tasks.items() if d.kind != "binary"]
+    if typed:
+        raise ValueError(f"{what}: health records give binary labels; tasks {typed} need a label file")
     _require(scans, ["scan_id", "patient_id", "scan_time"], "scan table")
     ehr = ehr.copy()
     if cfg.patient_ids == "raw":
@@ -349,11 +402,12 @@ def join_public_labels(
         what: the file's name in messages.
         slices: scan_id, slice_id of the stores' DICOM slices (id_kind dicom_slice).
     """
-    columns = {t: d.column or t for t, d in cfg.tasks.items()}
+    columns = {t: d.column or t for t, d in cfg.tasks.items() if d.kind == "binary"}
+    typed = {t: d for t, d in cfg.tasks.items() if d.kind != "binary"}
     if cfg.layout == "rsna2019":
         table = rsna_wide(table, what)
     needed = [f"{r}:{c}" for c in columns.values() for r in cfg.readers] or list(columns.values())
-    _require(table, [cfg.id_column, *needed], what)
+    _require(table, [cfg.id_column, *needed, *(c for t, d in typed.items() for c in d.sources(t))], what)
     report = LabelReport()
     ids = public_scan_ids(table[cfg.id_column], cfg).to_numpy()
     if cfg.id_kind == "dicom_slice" and (slices is None or slices.empty):
@@ -379,10 +433,74 @@ def join_public_labels(
         frame, report = _drop_duplicates(frame[known], list(columns), report)
     for task in columns:
         report.add(task, "no row in the label file", (~manifest["scan_id"].isin(set(frame["scan_id"]))).sum())
+    if typed:
+        frame = frame.merge(_typed_labels(table, ids, known, typed, report), on="scan_id", how="outer")
+    for task in typed:
+        report.add(task, "no row in the label file", (~manifest["scan_id"].isin(set(frame["scan_id"]))).sum())
     labels = manifest[["scan_id"]].merge(frame, on="scan_id", how="left")
     for task in columns:
         labels[task] = labels[task].astype("Int8")
     return _check_includes(labels, cfg, report), report
+
+
+def _number(values: pd.Series) -> np.ndarray:
+    return pd.to_numeric(values.astype(str).str.strip(), errors="coerce").to_numpy(float)
+
+
+def _typed_labels(
+    table: pd.DataFrame, ids: np.ndarray, known: np.ndarray, tasks: dict[str, TaskDefinition], report
+) -> pd.DataFrame:
+    """The typed targets of the label file's rows of known scans (scan_id + `task_columns` of each
+    task, float): an empty cell or an invalid value (not a number; a negative survival time; an
+    event that is not yes/no) makes the task missing for the row, and rows of one scan that
+    disagree make it missing for the scan; each counted in `report`."""
+    frame = pd.DataFrame({"scan_id": ids})
+    for name, d in tasks.items():
+        src = d.sources(name)
+        cells = table[src]
+        empty = (
+            (cells.isna() | (cells.astype(str).apply(lambda c: c.str.strip()) == "")).any(axis=1).to_numpy()
+        )
+        values = np.stack([_number(table[c]) for c in src], 1)
+        if d.kind == "survival":
+            values[:, 1] = table[src[1]].map(_parse_value).astype(float).to_numpy()
+            bad = (values[:, 0] < 0) | ~np.isin(values[:, 1], (0.0, 1.0))
+        else:
+            bad = np.zeros(len(table), bool)
+        invalid = ~empty & (np.isnan(values).any(1) | bad)
+        report.add(name, "empty cell", (empty & known).sum())
+        report.add(name, f"invalid value in column(s) {src}", (invalid & known).sum())
+        values[empty | invalid] = np.nan
+        frame[task_columns(name, d)] = values
+    frame = frame[known]
+    groups = frame.groupby("scan_id", sort=False)
+    out = groups.first().reset_index()  # every column's first non-missing value; disagreements next
+    for name, d in tasks.items():
+        cols = task_columns(name, d)
+        differ = (groups[cols].nunique() > 1).any(axis=1)
+        report.add(name, "contradictory rows for the same scan", differ.sum())
+        bad = out["scan_id"].isin(set(differ.index[differ])) | out[cols].isna().any(axis=1)
+        out.loc[bad.to_numpy(), cols] = np.nan
+    return out
+
+
+def to_stored_points(labels: pd.DataFrame, tasks: dict[str, TaskDefinition], affine) -> pd.DataFrame:
+    """Points given in a scan's world frame (`TaskDefinition.frame` "ras" or "lps", mm) moved to
+    the stored frame, through `affine(scan_id)` (the stored volume's voxel -> RAS affine)."""
+    from fmct_ray.ingest.geometry import to_stored_frame
+
+    labels = labels.copy()
+    for name, d in tasks.items():
+        if d.kind != "point" or d.frame == "stored":
+            continue
+        cols = task_columns(name, d)
+        points = labels[cols].to_numpy(float, copy=True)
+        if d.frame == "lps":
+            points[:, :2] *= -1
+        for i in np.flatnonzero(~np.isnan(points).any(1)):
+            points[i] = to_stored_frame(points[i], affine(labels["scan_id"].iloc[i]))[0]
+        labels[cols] = points
+    return labels
 
 
 def _per_series(rows: pd.DataFrame, slices: pd.DataFrame, report: LabelReport) -> pd.DataFrame:
@@ -467,13 +585,15 @@ def label_scans(
     scan_times: str | Path | None = None,
     public: str | Path | None = None,
     slices: pd.DataFrame | None = None,
+    affine=None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Labels of the manifest's scans from an EHR table (+ the manifest's scan times, or a
     scan-times table that overrides them, see `scan_table`) or a public label file (`slices`:
-    the stores' slice ids, for labels per slice).
+    the stores' slice ids, for labels per slice; `affine`: scan_id -> stored volume affine, for
+    points given in world coordinates).
 
-    Returns (labels: scan_id, patient_id, site, split, one Int8 column per task; the per-task
-    report table).
+    Returns (labels: scan_id, patient_id, site, split, one Int8 column per binary task and the
+    float columns of typed ones (`task_columns`); the per-task report table).
     """
     if (ehr is None) == (public is None):
         raise ValueError("give exactly one label source: an EHR table or a label file")
@@ -486,7 +606,11 @@ def label_scans(
         labels, report = join_public_labels(read_table(public), manifest, cfg, str(public), slices)
     meta = manifest[["scan_id", "patient_id", "site", "split"]].drop_duplicates("scan_id")
     labels = meta.merge(labels, on="scan_id", how="left")
-    return labels, report.table(labels, list(cfg.tasks))
+    if any(d.kind == "point" and d.frame != "stored" for d in cfg.tasks.values()):
+        if affine is None:
+            raise ValueError("points in world coordinates need the stores (their volumes' affines)")
+        labels = to_stored_points(labels, cfg.tasks, affine)
+    return labels, report.table(labels, cfg.tasks)
 
 
 def make_labels(
@@ -503,9 +627,13 @@ def _group_labels(cfg: LabelConfig, sites, sources: dict) -> tuple[pd.DataFrame,
     from fmct_ray.ingest.store import SiteStore
 
     stores = [SiteStore(s.uri, s.storage) for s in sites]
-    manifest = pd.concat([s.manifest() for s in stores], ignore_index=True)
+    manifests = [s.manifest() for s in stores]
+    store_of = {scan: store for store, m in zip(stores, manifests) for scan in m["scan_id"]}
+    manifest = pd.concat(manifests, ignore_index=True)
     slices = pd.concat([s.slices() for s in stores]) if cfg.id_kind == "dicom_slice" else None
-    labels, table = label_scans(cfg, manifest, slices=slices, **sources)
+    labels, table = label_scans(
+        cfg, manifest, slices=slices, affine=lambda scan: store_of[scan].affine(scan), **sources
+    )
     return labels, table.assign(sites=",".join(s.name for s in sites))
 
 

@@ -187,6 +187,14 @@ class SiteStore:
             raise OSError(f"{self.uri}: volume {scan_id} fails its checksum")
         return volume
 
+    def affine(self, scan_id: str) -> np.ndarray:
+        """The stored volume's voxel -> RAS mm affine (its metadata only)."""
+        try:
+            (meta,) = self._get([join(self.root, "volumes", scan_id, "zarr.json")])
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{self.uri}: no stored volume {scan_id}") from err
+        return np.asarray(json.loads(bytes(meta))["attributes"]["affine"], dtype=np.float64)
+
     def write_mask(self, scan_id: str, name: str, mask: np.ndarray, affine: np.ndarray) -> None:
         """Write a label volume (uint8, one label per voxel) aligned with the scan's stored volume,
         as one single-chunk array beside it: `masks/<name>/<scan_id>`."""
