@@ -55,6 +55,8 @@ def test_mlp_probe_learns_binary_continuous_and_survival_targets():
     binary = lambda a: (a[:, 0] + a[:, 1] > 0).astype(float)  # noqa: E731
     score = mlp_probe("binary", x, binary(x), xv, binary(xv), FAST)
     assert auroc(binary(xt), score(xt)) > 0.95
+    torch.rand(7)  # the same seed gives the same probe, whatever drew from torch's generator before
+    np.testing.assert_array_equal(mlp_probe("binary", x, binary(x), xv, binary(xv), FAST)(xt), score(xt))
     value = lambda a: 40 + 10 * a[:, 0] - 5 * a[:, 2]  # noqa: E731  target units (say, mL)
     pred = mlp_probe("continuous", x, value(x), xv, value(xv), FAST)(xt)
     m = regression_metrics(value(xt), pred, scale=value(x).std())

@@ -153,14 +153,16 @@ def fit_probe(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     validate: Callable[[nn.Module], float],
     cfg: ProbeConfig,
-    batch_size: int | None = None,
+    full_batch: bool = False,
 ) -> tuple[nn.Module, list[dict]]:
     """Train `model` on (x, y); after every epoch `validate(model)` (higher is better) picks the
-    weights kept. Returns (model with the best epoch's weights, history)."""
+    weights kept. An epoch is ceil(n / batch_size) steps, each on a batch of `cfg.batch_size`
+    rows, or on every row (`full_batch`: a loss over the whole pool, the Cox partial likelihood's
+    complete risk sets). Returns (model with the best epoch's weights, history)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    bs = batch_size or cfg.batch_size
+    bs = cfg.batch_size
     steps = math.ceil(len(x) / bs)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs * steps))
     best, state, history = -math.inf, None, []
@@ -168,7 +170,7 @@ def fit_probe(
         model.train()
         order, losses = torch.randperm(len(x), generator=gen), []
         for s in range(steps):
-            idx = order[s * bs : (s + 1) * bs]
+            idx = order if full_batch else order[s * bs : (s + 1) * bs]
             loss = loss_fn(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,6 +193,13 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndar
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
 
 
+def _seeded(cfg: ProbeConfig, module: type[nn.Module], *args) -> nn.Module:
+    """`module(*args)` with its initial weights drawn from the probe's seed (not from whatever drew
+    from torch's generator before): the same seed gives the same probe."""
+    torch.manual_seed(cfg.seed)
+    return module(*args)
+
+
 def _tensor(a) -> torch.Tensor:
     return torch.tensor(np.asarray(a), dtype=torch.float32)  # a copy: inputs may be read-only
 
@@ -205,8 +214,8 @@ def mlp_probe(
     Targets: binary and continuous (n,); survival (n, 2) = (time, event)."""
     x, xv = _tensor(x_train), _tensor(x_val)
     y, yv = np.asarray(y_train, dtype=np.float64), np.asarray(y_val, dtype=np.float64)
-    head = MLPHead(x.mean(0), x.std(0).clamp_min(1e-6), 1, cfg)
-    mean, std, batch = 0.0, 1.0, None
+    head = _seeded(cfg, MLPHead, x.mean(0), x.std(0).clamp_min(1e-6), 1, cfg)
+    mean, std, full_batch = 0.0, 1.0, False
     if kind == "binary":
         loss = F.binary_cross_entropy_with_logits
 
@@ -220,7 +229,7 @@ def mlp_probe(
             return -float(np.abs(predict(m, xv) * std + mean - yv).mean())
 
     elif kind == "survival":
-        batch = len(x)  # one step on the whole pool: complete risk sets
+        full_batch = True  # every step on the whole pool: complete risk sets
 
         def loss(risk: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return cox_loss(risk, target[:, 0], target[:, 1])
@@ -230,7 +239,7 @@ def mlp_probe(
 
     else:
         raise ValueError(f"an MLP probe is for binary, continuous or survival targets, not {kind!r}")
-    model, _ = fit_probe(head, x, _tensor((y - mean) / std), loss, validate, cfg, batch)
+    model, _ = fit_probe(head, x, _tensor((y - mean) / std), loss, validate, cfg, full_batch)
 
     def score(features: np.ndarray) -> np.ndarray:
         out = predict(model, _tensor(features))
@@ -266,7 +275,7 @@ def point_probe(
     """`PositionalAttentionRegressor` on patch tokens (n, N, D) with patch centres `positions`
     (N, 3) in the points' frame (mm), L1 loss; selected on the validation mean distance error."""
     x, xv, y = _tensor(tokens_train), _tensor(tokens_val), _tensor(points_train)
-    model = PositionalAttentionRegressor(x.shape[-1], _tensor(positions))
+    model = _seeded(cfg, PositionalAttentionRegressor, x.shape[-1], _tensor(positions))
 
     def validate(m: nn.Module) -> float:
         return -float(localisation_error(predict(m, xv, 64), points_val).mean())
@@ -291,7 +300,7 @@ def mask_probe(
     entropy; selected on the validation macro Dice. Returns a function giving label volumes."""
     x, xv = _tensor(tokens_train), _tensor(tokens_val)
     y = torch.as_tensor(np.asarray(masks_train), dtype=torch.long)
-    model = SegmentationHead(x.shape[-1], grid, n_classes, y.shape[-1])
+    model = _seeded(cfg, SegmentationHead, x.shape[-1], grid, n_classes, y.shape[-1])
 
     def labels(m: nn.Module, tokens: torch.Tensor) -> np.ndarray:
         return predict(m, tokens, 8).argmax(1)

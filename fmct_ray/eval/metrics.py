@@ -6,11 +6,13 @@
   distinct score thresholds (scikit-learn's definition: no interpolation, tied scores form one step).
 - `macro_auc`: the unweighted mean of per-task AUROCs (the paper's headline number).
 - `bootstrap_ci`: percentile interval from resampling the held-out set *by patient* (scans of one
-  patient are correlated; resampling them independently would give intervals that are too narrow).
+  patient are correlated; resampling them independently would give intervals that are too narrow);
+  `bootstrap_interval` does the same for any statistic of a set of scans.
 - `paired_permutation_test`: two-sided test of "model A and model B have the same AUROC" on the same
   scans: under the null the two models' scores of a scan are exchangeable, so each permutation swaps
   them at random per scan (per patient when groups are given). Scores are turned into ranks first,
-  so models whose outputs live on different scales (logits, probabilities) can be swapped.
+  so models whose outputs live on different scales (logits, probabilities) can be swapped;
+  `paired_permutation` is the same test for any metric whose predictions can be swapped per scan.
 - `few_shot_summary`: mean and Student-t interval over the repeats of a few-shot run (5 seeds).
 
 Nothing here knows about Ray, devices or files.
@@ -94,6 +96,38 @@ def _group_index(groups, n: int) -> list[np.ndarray]:
     return np.split(order, np.flatnonzero(np.diff(inverse[order])) + 1)
 
 
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    groups=None,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval:
+    """Percentile bootstrap interval of `statistic(rows)` over `n` scans, resampling patients (or
+    scans) with replacement: every scan of a drawn patient enters the resample. A resample on which
+    the statistic is undefined (it raises ValueError: an AUROC without both classes) is skipped, as
+    is usual; fewer than 90% defined resamples is an error."""
+    estimate = statistic(np.arange(n))
+    members = _group_index(groups, n)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_resamples):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        try:
+            values.append(statistic(idx))
+        except ValueError:
+            continue
+    if len(values) < 0.9 * n_resamples:
+        raise ValueError(
+            f"only {len(values)}/{n_resamples} resamples had a defined value (an AUROC needs both "
+            "classes in the resample): too few scans or positives"
+        )
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(values, [alpha, 1 - alpha])
+    return Interval(float(estimate), float(lo), float(hi))
+
+
 def bootstrap_ci(
     y_true,
     y_score,
@@ -103,7 +137,7 @@ def bootstrap_ci(
     level: float = 0.95,
     seed: int = 0,
 ) -> Interval:
-    """Percentile bootstrap interval of `metric`, resampling patients (or scans) with replacement.
+    """Percentile bootstrap interval of `metric` (`bootstrap_interval`).
 
     Args:
         y_true: binary labels, one per scan.
@@ -116,20 +150,34 @@ def bootstrap_ci(
         seed: generator seed (same seed, same interval).
     """
     y, s = np.asarray(y_true), np.asarray(y_score, dtype=np.float64)
-    estimate = metric(y, s)
-    members = _group_index(groups, len(y))
+    return bootstrap_interval(lambda i: metric(y[i], s[i]), len(y), groups, n_resamples, level, seed)
+
+
+def paired_permutation(
+    difference: Callable[[np.ndarray], float],
+    n: int,
+    groups=None,
+    n_permutations: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Two-sided paired permutation test on `n` scans: `difference(swap)` is metric(A) - metric(B)
+    after exchanging the two models' predictions of the scans where `swap` (bool, per scan) is
+    true; swaps are drawn per patient (`groups`; None: per scan).
+
+    Returns:
+        (observed difference, p-value), p = (1 + #{|delta_perm| >= |delta_obs|}) / (1 + n).
+    """
+    observed = difference(np.zeros(n, dtype=bool))
+    members = _group_index(groups, n)
+    owner = np.empty(n, dtype=np.int64)
+    for g, rows in enumerate(members):
+        owner[rows] = g
     rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_resamples):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        if y[idx].all() or not y[idx].any():
-            continue  # a resample without both classes has no AUROC; skipped, as is usual
-        values.append(metric(y[idx], s[idx]))
-    if len(values) < 0.9 * n_resamples:
-        raise ValueError(f"only {len(values)}/{n_resamples} resamples had both classes: too few positives")
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(values, [alpha, 1 - alpha])
-    return Interval(estimate, float(lo), float(hi))
+    hits = 0
+    for _ in range(n_permutations):
+        swap = rng.random(len(members)) < 0.5
+        hits += abs(difference(swap[owner])) >= abs(observed) - 1e-12
+    return float(observed), (1 + hits) / (1 + n_permutations)
 
 
 def paired_permutation_test(
@@ -141,7 +189,8 @@ def paired_permutation_test(
     n_permutations: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Two-sided paired permutation test of metric(A) == metric(B) on the same scans.
+    """Two-sided paired permutation test of metric(A) == metric(B) on the same scans
+    (`paired_permutation`).
 
     Args:
         y_true: binary labels, one per scan.
@@ -153,26 +202,18 @@ def paired_permutation_test(
         seed: generator seed.
 
     Returns:
-        (metric(A) - metric(B), p-value), p = (1 + #{|delta_perm| >= |delta_obs|}) / (1 + n).
+        (metric(A) - metric(B), p-value).
     """
     y = np.asarray(y_true)
     a, b = np.asarray(score_a, dtype=np.float64), np.asarray(score_b, dtype=np.float64)
     if a.shape != y.shape or b.shape != y.shape:
         raise ValueError(f"labels {y.shape}, scores A {a.shape} and B {b.shape} must match")
     a, b = stats.rankdata(a) / len(a), stats.rankdata(b) / len(b)
-    observed = metric(y, a) - metric(y, b)
-    members = _group_index(groups, len(y))
-    owner = np.empty(len(y), dtype=np.int64)
-    for g, rows in enumerate(members):
-        owner[rows] = g
-    rng = np.random.default_rng(seed)
-    hits = 0
-    for _ in range(n_permutations):
-        swap = rng.random(len(members)) < 0.5
-        swap_rows = swap[owner]
-        pa, pb = np.where(swap_rows, b, a), np.where(swap_rows, a, b)
-        hits += abs(metric(y, pa) - metric(y, pb)) >= abs(observed) - 1e-12
-    return float(observed), (1 + hits) / (1 + n_permutations)
+
+    def difference(swap: np.ndarray) -> float:
+        return metric(y, np.where(swap, b, a)) - metric(y, np.where(swap, a, b))
+
+    return paired_permutation(difference, len(y), groups, n_permutations, seed)
 
 
 def few_shot_summary(values, level: float = 0.95) -> dict[str, float]:

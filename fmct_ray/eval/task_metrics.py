@@ -9,12 +9,13 @@ plain numpy/scipy; each is checked against a reference library in `tests/test_ta
   (cases: an event by the horizon; controls: still at risk after it), with cases weighted by the
   inverse probability of being uncensored (Uno et al. 2007), the censoring distribution estimated
   by Kaplan-Meier on the training split.
-- `recall_at_k`: retrieval without training (VoxelFM): for each label, each positive query ranks
-  one other positive among it and `n_negatives` negatives by cosine similarity; Recall@k is the
-  fraction of queries whose positive is in the top k, macro-averaged over labels. Chance is
-  k / (1 + n_negatives).
+- `recall_at_k`: retrieval without training (VoxelFM; `retrieval_ranks` per query): for each
+  label, each positive query ranks one other positive among it and `n_negatives` negatives by
+  cosine similarity; Recall@k is the fraction of queries whose positive is in the top k,
+  macro-averaged over labels. Chance is k / (1 + n_negatives).
 - `localisation_error`: Euclidean distance between predicted and true points (mm).
-- `dice_scores`: Dice per class, and micro and macro over the classes, background excluded.
+- `dice_scores`: Dice per class, and micro and macro over the classes, background excluded
+  (`dice_counts` per scan add up; `dice_from_counts` scores any set of scans).
 
 Nothing here knows about Ray, devices or files.
 """
@@ -101,6 +102,33 @@ def time_dependent_auroc(time, event, risk, horizon: float, train_time=None, tra
     return float((weights * wins).sum() / (weights.sum() * controls.sum()))
 
 
+def retrieval_ranks(
+    embeddings, y, n_negatives: int = 99, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Retrieval by cosine similarity for one binary label `y` (NaN: unlabelled): each positive
+    query gets one other positive and `n_negatives` negatives drawn at random (all negatives
+    when fewer); returns (query rows, the positive's rank among the candidates (0 = first; ties
+    count one half), candidates per query). The draws depend on `y` and `seed` only, so two
+    models' embeddings of the same scans are ranked against the same candidates."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    y = np.asarray(y, dtype=np.float64)
+    if y.shape != (len(x),):
+        raise ValueError(f"label has {y.shape} values for {len(x)} embeddings")
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if len(pos) < 2 or len(neg) == 0:
+        raise ValueError("retrieval needs two positives and a negative")
+    m = min(n_negatives, len(neg))
+    ranks = []
+    for q in pos:
+        other = rng.choice(pos[pos != q])
+        candidates = np.r_[other, rng.choice(neg, m, replace=False)]
+        sims = x[candidates] @ x[q]
+        ranks.append(float((sims[1:] > sims[0]).sum() + 0.5 * (sims[1:] == sims[0]).sum()))
+    return pos, np.asarray(ranks), m + 1
+
+
 def recall_at_k(
     embeddings,
     labels: Mapping[str, np.ndarray],
@@ -109,33 +137,21 @@ def recall_at_k(
     seed: int = 0,
 ) -> dict[str, float]:
     """Retrieval by cosine similarity of `embeddings` (n, d), macro over the binary `labels`
-    ({name: 0/1 per row; NaN: unlabelled, left out}). Per label, each positive query gets one
-    other positive and `n_negatives` negatives drawn at random (all negatives when fewer); the
-    hit is the positive's rank among them. Returns {"recall@k": ..., "chance@k": ...} (chance:
-    k / candidates, averaged like the recalls) and "n_labels"."""
-    x = np.asarray(embeddings, dtype=np.float64)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    rng = np.random.default_rng(seed)
+    ({name: 0/1 per row; NaN: unlabelled, left out}), ranked by `retrieval_ranks` (labels
+    without two positives and a negative are left out). Returns {"recall@k": ..., "chance@k": ...}
+    (chance: k / candidates, averaged like the recalls) and "n_labels"."""
     recalls = {k: [] for k in ks}
     chances = {k: [] for k in ks}
-    for name, y in labels.items():
-        y = np.asarray(y, dtype=np.float64)
-        if y.shape != (len(x),):
-            raise ValueError(f"label {name} has {y.shape} values for {len(x)} embeddings")
-        pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-        if len(pos) < 2 or len(neg) == 0:
+    for y in labels.values():
+        try:
+            _, ranks, candidates = retrieval_ranks(embeddings, y, n_negatives, seed)
+        except ValueError as err:
+            if "two positives" not in str(err):
+                raise
             continue  # no pair to retrieve
-        m = min(n_negatives, len(neg))
-        ranks = []
-        for q in pos:
-            other = rng.choice(pos[pos != q])
-            candidates = np.r_[other, rng.choice(neg, m, replace=False)]
-            sims = x[candidates] @ x[q]
-            ranks.append(int((sims[1:] > sims[0]).sum() + 0.5 * (sims[1:] == sims[0]).sum()))
-        ranks = np.asarray(ranks)
         for k in ks:
             recalls[k].append(float((ranks < k).mean()))
-            chances[k].append(min(k, m + 1) / (m + 1))
+            chances[k].append(min(k, candidates) / candidates)
     if not recalls[ks[0]]:
         raise ValueError("no label has two positives and a negative to retrieve")
     out: dict[str, float] = {"n_labels": float(len(recalls[ks[0]]))}
@@ -153,21 +169,34 @@ def localisation_error(pred, true) -> np.ndarray:
     return np.linalg.norm(p - t, axis=1)
 
 
-def dice_scores(pred, target, n_classes: int) -> dict[str, float]:
-    """Dice of integer label volumes (any shape, one label per voxel; 0 = background): per class
-    ("dice_<c>", NaN when the class is in neither volume), micro (pooled over classes 1..C-1) and
-    macro (mean of the per-class values that exist)."""
+def dice_counts(pred, target, n_classes: int) -> np.ndarray:
+    """(C-1, 2) voxel counts of integer label volumes (any shape; 0 = background): per class
+    1..C-1, the intersection and the sum of both volumes' sizes. Counts add over scans."""
     p, t = np.asarray(pred).ravel(), np.asarray(target).ravel()
     if p.shape != t.shape:
         raise ValueError(f"prediction {np.shape(pred)} and target {np.shape(target)} differ")
-    out: dict[str, float] = {}
-    inter = total = 0
-    for c in range(1, n_classes):
-        pc, tc = p == c, t == c
-        i, s = int((pc & tc).sum()), int(pc.sum() + tc.sum())
-        out[f"dice_{c}"] = 2 * i / s if s else float("nan")
-        inter, total = inter + i, total + s
+    return np.array(
+        [
+            [int(((p == c) & (t == c)).sum()), int((p == c).sum() + (t == c).sum())]
+            for c in range(1, n_classes)
+        ]
+    )
+
+
+def dice_from_counts(counts) -> dict[str, float]:
+    """Dice per class ("dice_<c>", NaN when the class is in neither volume), micro (pooled over
+    classes 1..C-1) and macro (mean of the per-class values that exist) from `dice_counts`."""
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1, 2)
+    out: dict[str, float] = {
+        f"dice_{c}": 2 * i / s if s else float("nan") for c, (i, s) in enumerate(counts, start=1)
+    }
     per_class = [v for v in out.values() if not np.isnan(v)]
+    inter, total = counts.sum(0)
     out["dice_micro"] = 2 * inter / total if total else float("nan")
     out["dice_macro"] = float(np.mean(per_class)) if per_class else float("nan")
     return out
+
+
+def dice_scores(pred, target, n_classes: int) -> dict[str, float]:
+    """Dice of integer label volumes pooled over every voxel given (`dice_from_counts`)."""
+    return dice_from_counts(dice_counts(pred, target, n_classes))
