@@ -76,7 +76,10 @@ def main() -> None:
         )
         print(f"embedded {extract_embeddings(ecfg, sites_from_args(args), args.out)} scans -> {args.out}")
         return
-    frame = run_finetune_sweep(cfg, launch_from_args(args))
+    launch = launch_from_args(args)
+    if len(launch.models) > 1:
+        p.error("the fine-tuning sweep takes one --embeddings file (several are for the probe suite)")
+    frame = run_finetune_sweep(cfg, launch)
     print(frame.filter(regex="run/|val_auroc").to_string(index=False))
 
 

@@ -116,6 +116,7 @@ def write_suite_inputs(root, n: int = 80, d: int = 8) -> dict:
     features drive the binary, continuous and survival targets; one of the 8 patch tokens (a 2^3
     grid at a 32^3 view) carries a marker, its patch centre is the point and its octant the mask."""
     from fmct_ray.ingest import SiteStore
+    from fmct_ray.ingest.store import StoreConfig
 
     view = ViewConfig(crop=192, size=32)
     pos = patch_positions((2, 2, 2), view)
@@ -138,6 +139,10 @@ def write_suite_inputs(root, n: int = 80, d: int = 8) -> dict:
             store.write_mask(scan, "octant", mask, np.eye(4))
             t = rng.exponential(np.exp(-2 * cls[2]))
             split = "train" if i < n // 2 else "val" if i < 3 * n // 4 else "test"
+            if site == "A" and split == "test":  # volumes for the report's segmentation overlay
+                store.write_volume(
+                    scan, mask.astype(np.int16) * 60, np.eye(4), StoreConfig(verify_writes=False)
+                )
             rows.append(
                 {
                     "scan_id": scan, "patient_id": f"p{scan}", "site": site, "split": split,
@@ -204,21 +209,50 @@ def test_probe_sweep_covers_every_category_and_resumes(tmp_path):
             assert at("finding", "retrieval")["chance@10"] == pytest.approx(
                 min(10, negatives + 1) / (negatives + 1)
             )
+    # per-scan predictions, segmentations as NIfTI, and the report of every category from them
+    from fmct_ray.eval.report import ReportConfig
+    from fmct_ray.eval.suite_report import write_suite_report
+
+    study = tmp_path / "runs" / "suite"
+    assert len(list((study / "probe_predictions").glob("*.parquet"))) == len(frame)
+    tests = labels.query("split == 'test'")["scan_id"]
+    for site in ("A", "B"):
+        assert {
+            p.name
+            for p in (
+                study / "segmentations" / f"probe-model-octant-segmentation-{site}-s0-lr0.003"
+            ).iterdir()
+        } == {f"{s}.nii.gz" for s in tests}
+    written = write_suite_report(
+        str(study), tmp_path / "report", ReportConfig(200, 200), stores=paths["stores"]
+    )
+    table = pd.read_csv(written["suite_csv"])
+    assert len(table) == 7 * 2  # every probe on both sites, in-domain
+    assert set(table["category"]) == {
+        "classification",
+        "retrieval",
+        "regression",
+        "survival",
+        "localisation",
+        "segmentation",
+    }
+    assert table["p_vs_reference"].isna().all()  # one model: nothing to compare with
+    assert written["suite_segmentation_octant"].stat().st_size > 1000
 
 
 def test_a_prediction_written_as_nifti_sits_where_its_stored_voxels_are(tmp_path):
-    """A label predicted on the view grid, written with `write_prediction_nifti`, lands in world
+    """A label predicted on the view grid, written with `prediction_nifti`, lands in world
     coordinates on the stored voxels it was cut from (`view_labels`), for a stored volume whose
     box is not at the world origin."""
     import nibabel as nib
 
-    from fmct_ray.downstream.suite import write_prediction_nifti
+    from fmct_ray.downstream.suite import prediction_nifti
 
     stored_affine = np.diag([1.0, 1.0, 1.0, 1.0])
     stored_affine[:3, 3] = [-111.0, -95.5, -60.0]
     mask = np.zeros((224, 224, 224), np.uint8)
     mask[100:130, 40:70, 150:160] = 1
-    write_prediction_nifti(view_labels(mask, VIEW), VIEW, stored_affine, tmp_path / "pred.nii.gz")
+    (tmp_path / "pred.nii.gz").write_bytes(prediction_nifti(view_labels(mask, VIEW), VIEW, stored_affine))
     image = nib.load(tmp_path / "pred.nii.gz")
     idx = np.argwhere(np.asarray(image.dataobj) == 1)
     world = nib.affines.apply_affine(image.affine, idx)
@@ -226,3 +260,116 @@ def test_a_prediction_written_as_nifti_sits_where_its_stored_voxels_are(tmp_path
     np.testing.assert_allclose(stored_idx, np.round(stored_idx), atol=1e-9)  # on stored voxel centres
     assert (mask[tuple(np.round(stored_idx).astype(int).T)] == 1).all()
     np.testing.assert_allclose(np.abs(np.diag(image.affine)[:3]), 3.0)  # 3 mm voxels
+
+
+def suite_predictions(root, seed: int = 0, n: int = 60) -> None:
+    """Prediction files as the suite's trials write them (`prediction_rows` + run columns) for two
+    models on one site: "good" predicts every target closely, "random" is noise; "good" has two
+    learning rates, the second (worse on validation) must not be the one reported."""
+    from fmct_ray.downstream.suite import prediction_rows
+
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype(float)
+    frame = pd.DataFrame(
+        {"scan_id": [f"s{i:02d}" for i in range(n)], "patient_id": [f"p{i // 2}" for i in range(n)]}
+    )
+    frame = frame.assign(
+        finding=y,
+        volume=rng.normal(30, 5, n),
+        years=rng.exponential(1.0, n),
+        event=(rng.random(n) < 0.7).astype(float),
+        **{f"c_{a}": rng.uniform(60, 160, n) for a in "xyz"},
+    )
+    masks = {s: (rng.random((8, 8, 8)) < 0.3).astype(np.uint8) for s in frame["scan_id"]}
+    specs = {
+        "mlp": TaskSpec("finding", "binary", ("finding",)),
+        "retrieval": TaskSpec("finding", "binary", ("finding",)),
+        "regress": TaskSpec("volume", "continuous", ("volume",)),
+        "cox": TaskSpec("survival", "survival", ("years", "event")),
+        "attention": TaskSpec("centre", "point", ("c_x", "c_y", "c_z")),
+        "segmentation": TaskSpec("anatomy", "mask", ("anatomy",)),
+    }
+    points = frame[["c_x", "c_y", "c_z"]].to_numpy()
+    for model, noise in (("good", 0.05), ("random", 1.0)):
+        for lr, val in ((1e-3, 0.9), (3e-3, 0.1)) if model == "good" else ((1e-3, 0.5),):
+            r = np.random.default_rng([seed, int(noise * 100), int(lr * 1e4)])
+            bad = lr == 3e-3  # the run a wrong selection would report
+            good = noise < 0.5 and not bad
+            preds = {
+                "mlp": y + (0.3 if good else 3) * r.normal(size=n),
+                "retrieval": None,
+                "regress": frame["volume"] + (0.5 if good else 10) * r.normal(size=n),
+                "cox": -frame["years"] + (0.05 if good else 5) * r.normal(size=n),
+                "attention": points + (2 if good else 40) * r.normal(size=(n, 3)),
+                "segmentation": np.stack(
+                    [
+                        np.where(r.random((8, 8, 8)) < (0.05 if good else 0.5), 1 - masks[s], masks[s])
+                        for s in frame["scan_id"]
+                    ]
+                ),
+            }
+            emb = frame.assign(cls=list(np.c_[y, np.zeros(n)] * (3 if good else 0) + r.normal(size=(n, 2))))
+            for name, spec in specs.items():
+                probe = {"regress": "mlp", "cox": "mlp"}.get(name, name)
+                if probe == "retrieval" and bad:
+                    continue
+                rows = prediction_rows(spec, emb if probe == "retrieval" else frame, preds[name], masks)
+                run = {"model": model, "task": spec.name, "probe": probe, "site": "A", "seed": 0, "lr": lr}
+                key = f"{model}-{spec.name}-{probe}-{lr:g}"
+                rows = rows.assign(**run, kind=spec.kind, val=val, key=key, eval_site="A")
+                if spec.kind == "mask":
+                    rows = rows.assign(mask_name="anatomy")
+                (root / "probe_predictions").mkdir(parents=True, exist_ok=True)
+                rows.to_parquet(root / "probe_predictions" / f"{key}.parquet")
+                score_row = pd.DataFrame([{**run, "eval_site": "A", "ap": 0.5, "td_auroc": 0.6}])
+                (root / "probes").mkdir(exist_ok=True)
+                score_row.to_parquet(root / "probes" / f"{key}.parquet")
+
+
+def test_suite_report_has_every_category_with_intervals_and_paired_tests(tmp_path):
+    """The report's numbers from per-scan rows: each category's primary metric (recomputed here),
+    a bootstrap interval around it, the better model's p < 0.05 against the reference and none for
+    the reference itself, the run kept by validation, and a figure per category."""
+    from fmct_ray.eval.metrics import auroc
+    from fmct_ray.eval.report import ReportConfig
+    from fmct_ray.eval.suite_report import write_suite_report
+
+    suite_predictions(tmp_path / "study")
+    written = write_suite_report(
+        str(tmp_path / "study"), tmp_path / "report", ReportConfig(300, 300), reference="random"
+    )
+    table = pd.read_csv(written["suite_csv"]).set_index(["category", "model"])
+    assert set(table.index.get_level_values(0)) == {
+        "classification", "retrieval", "regression", "survival", "localisation", "segmentation",
+    }  # fmt: skip
+    assert (table["lr"].xs("good", level="model") == 1e-3).all()  # the best validation run of "good"
+    assert ((table["lo"] <= table["value"]) & (table["value"] <= table["hi"])).all()
+    good, ref = table.xs("good", level="model"), table.xs("random", level="model")
+    assert (good["p_vs_reference"] < 0.05).all() and ref["p_vs_reference"].isna().all()
+    higher = ["classification", "retrieval", "survival", "segmentation"]
+    assert (good.loc[higher, "value"] > ref.loc[higher, "value"]).all()
+    assert (
+        good.loc[["regression", "localisation"], "value"] < ref.loc[["regression", "localisation"], "value"]
+    ).all()
+    rows = pd.read_parquet(tmp_path / "study" / "probe_predictions" / "good-finding-mlp-0.001.parquet")
+    assert good.loc["classification", "value"] == pytest.approx(auroc(rows["y"], rows["score"]))
+    assert good.loc["classification", "ap"] == 0.5  # the trial's own metrics row of the kept run
+    md = written["suite_md"].read_text()
+    for title in (
+        "## Classification",
+        "## Retrieval",
+        "## Regression",
+        "## Survival",
+        "## Localisation",
+        "## Segmentation",
+    ):
+        assert title in md
+    for name in (
+        "suite_recall_finding",
+        "suite_regression_volume",
+        "suite_km_survival",
+        "suite_localisation_centre",
+    ):
+        assert written[name].stat().st_size > 1000
+    with pytest.raises(ValueError, match="reference model 'nope'"):
+        write_suite_report(str(tmp_path / "study"), tmp_path / "r2", ReportConfig(10, 10), reference="nope")

@@ -23,10 +23,12 @@ from fmct_ray.downstream.probes import Kind, ProbeConfig, knn_probe, mask_probe,
 from fmct_ray.eval.metrics import auroc, average_precision
 from fmct_ray.eval.task_metrics import (
     c_index,
+    dice_counts,
     dice_scores,
     localisation_error,
     recall_at_k,
     regression_metrics,
+    retrieval_ranks,
     time_dependent_auroc,
 )
 
@@ -163,6 +165,39 @@ def score(
     return dice_scores(pred, y, spec.n_classes)
 
 
+def prediction_rows(
+    spec: TaskSpec, frame: pd.DataFrame, pred: np.ndarray | None, masks: dict[str, np.ndarray] | None = None
+) -> pd.DataFrame:
+    """Per-scan rows of predictions `pred` on the labelled rows `frame` (as `score` takes them), what
+    the report's intervals (by patient) and paired tests need: scan_id, patient_id and
+    binary: y, score; retrieval (`pred` None): one row per positive query, its positive's rank
+    among the candidates (`retrieval_ranks`); continuous: y, pred; survival: time, event, risk;
+    point: y_{x,y,z}, p_{x,y,z}, error_mm; mask: inter_<c>, total_<c> voxel counts per class
+    (`dice_counts`)."""
+    base = frame[["scan_id", "patient_id"]].reset_index(drop=True)
+    y = _target(spec, frame, masks)
+    if spec.kind == "binary" and pred is None:
+        rows, ranks, candidates = retrieval_ranks(matrix(frame, "cls"), y)
+        return base.iloc[rows].reset_index(drop=True).assign(rank=ranks, candidates=candidates)
+    if spec.kind == "binary":
+        return base.assign(y=y, score=pred)
+    if spec.kind == "continuous":
+        return base.assign(y=y, pred=pred)
+    if spec.kind == "survival":
+        return base.assign(time=y[:, 0], event=y[:, 1], risk=pred)
+    if spec.kind == "point":
+        points = {f"{w}_{a}": v[:, j] for w, v in (("y", y), ("p", pred)) for j, a in enumerate("xyz")}
+        return base.assign(**points, error_mm=localisation_error(pred, y))
+    counts = np.stack([dice_counts(p, t, spec.n_classes) for p, t in zip(pred, y, strict=True)])
+    return base.assign(
+        **{
+            f"{w}_{c}": counts[:, c - 1, j]
+            for c in range(1, spec.n_classes)
+            for j, w in enumerate(("inter", "total"))
+        }
+    )
+
+
 def run_probe(
     spec: TaskSpec,
     probe: Probe,
@@ -187,10 +222,11 @@ def run_probe(
 # -- the sweep's matrix ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SuiteConfig:
-    """The probe suite's Tune matrix (`fmct_ray.downstream.tune.run_probe_sweep`): tasks x their
-    probes x training sites x seeds x lrs (each probe's small search space; retrieval trains
-    nothing, so it runs once per site). Every trial fits on its site's train split, selects on its
-    val split and scores every site's test split (external validation).
+    """The probe suite's Tune matrix (`fmct_ray.downstream.tune.run_probe_sweep`): models (one
+    embeddings file each, from the command line) x tasks x their probes x training sites x seeds x
+    lrs (each probe's small search space; retrieval trains nothing, so it runs once per site).
+    Every trial fits on its site's train split, selects on its val split and scores every site's
+    test split (external validation).
 
     Args:
         tasks: the tasks (`TaskSpec`; masks: `columns` names the store's mask).
@@ -212,23 +248,25 @@ class SuiteConfig:
     probe: ProbeConfig = ProbeConfig()
 
 
-def suite_runs(cfg: SuiteConfig, sites: list[str]) -> list[dict]:
+def suite_runs(cfg: SuiteConfig, sites: list[str], models: list[str] = ("model",)) -> list[dict]:
     """One dict per trial of the suite's matrix."""
     runs = []
-    for spec in cfg.tasks:
-        for probe in PROBES[spec.kind]:
-            if cfg.probes and probe not in cfg.probes:
-                continue
-            trained = probe != "retrieval"
-            for site in sites:
-                for seed in range(cfg.seeds if trained else 1):
-                    for lr in cfg.lrs if trained else (0.0,):
-                        runs.append({"task": spec.name, "probe": probe, "site": site, "seed": seed, "lr": lr})
+    for model in models:
+        for spec in cfg.tasks:
+            for probe in PROBES[spec.kind]:
+                if cfg.probes and probe not in cfg.probes:
+                    continue
+                trained = probe != "retrieval"
+                for site in sites:
+                    for seed in range(cfg.seeds if trained else 1):
+                        for lr in cfg.lrs if trained else (0.0,):
+                            run = {"task": spec.name, "probe": probe, "site": site, "seed": seed, "lr": lr}
+                            runs.append({"model": model, **run})
     return runs
 
 
 def suite_key(run: dict) -> str:
-    return f"probe-{run['task']}-{run['probe']}-{run['site']}-s{run['seed']}-lr{run['lr']:g}"
+    return f"probe-{run['model']}-{run['task']}-{run['probe']}-{run['site']}-s{run['seed']}-lr{run['lr']:g}"
 
 
 def validation_value(spec: TaskSpec, metrics: dict[str, float]) -> float:
@@ -251,11 +289,13 @@ def view_affine(view: ViewConfig, stored_affine: np.ndarray, stored: int = 224) 
     return np.asarray(stored_affine, dtype=np.float64) @ to_stored
 
 
-def write_prediction_nifti(labels: np.ndarray, view: ViewConfig, stored_affine: np.ndarray, path) -> None:
-    """A predicted label volume (view grid) as NIfTI in the scan's world frame, to view over the
-    stored volume (or the original scan) in any viewer."""
+def prediction_nifti(labels: np.ndarray, view: ViewConfig, stored_affine: np.ndarray) -> bytes:
+    """A predicted label volume (view grid) as a gzipped NIfTI file in the scan's world frame, to
+    view over the stored volume (or the original scan) in any viewer."""
+    import gzip
+
     import nibabel as nib
 
     image = nib.Nifti1Image(np.asarray(labels, dtype=np.uint8), view_affine(view, stored_affine))
     image.header.set_xyzt_units("mm")
-    nib.save(image, str(path))
+    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)

@@ -12,20 +12,40 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="study name (the same name resumes the sweep)")
     p.add_argument("--storage", required=True, help="local folder or s3://bucket/prefix for results")
     p.add_argument("--labels", required=True, help="labels.parquet from jobs/labels.py")
-    p.add_argument("--embeddings", help="embeddings Parquet (fast path of the frozen modes)")
+    p.add_argument(
+        "--embeddings",
+        nargs="+",
+        metavar="[MODEL=]URI",
+        help="embeddings Parquet (fast path of the frozen modes); the probe suite takes one per "
+        "model to compare (e.g. dino=emb_dino.parquet random=emb_random.parquet)",
+    )
     add_store_args(p, sites_file=True)
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, default=0, help="0: as many as resources allow")
 
 
+def _models(values: list[str] | None) -> dict[str, str]:
+    """`[MODEL=]URI` values -> model name -> URI ("model" for a bare URI)."""
+    models = {}
+    for value in values or []:
+        name, sep, uri = value.partition("=")
+        name, uri = (name, uri) if sep and "/" not in name and ":" not in name else ("model", value)
+        if name in models:
+            raise SystemExit(f"--embeddings: model {name!r} given twice (name each file: MODEL=URI)")
+        models[name] = uri
+    return models
+
+
 def launch_from_args(args: argparse.Namespace) -> SweepLaunch:
     sites = sites_from_args(args)
+    models = _models(args.embeddings)
     return SweepLaunch(
         name=args.name,
         storage_path=args.storage,
         labels=args.labels,
-        embeddings=args.embeddings,
+        embeddings=next(iter(models.values()), None),
+        models=models,
         stores={s.name: s.uri for s in sites},
         resources={s.name: s.resource for s in sites if s.resource},
         cpus_per_trial=args.cpus_per_trial,

@@ -57,6 +57,8 @@ class SweepLaunch:
         resources: site -> custom resource of the sites pinned to their nodes (`SiteSpec.resource`):
             a trial that reads a pinned site's volumes runs on that site's nodes, and predicts the
             test split of another pinned site on that site's nodes.
+        models: the probe suite's embeddings, model name -> Parquet (one matrix per model, the
+            report comparing them on the same scans); empty: {"model": embeddings}.
     """
 
     name: str
@@ -69,10 +71,15 @@ class SweepLaunch:
     max_concurrent: int = 0
     storage: StorageConfig = field(default_factory=StorageConfig)
     resources: dict[str, str] = field(default_factory=dict)
+    models: dict[str, str] = field(default_factory=dict)
 
     @property
     def experiment_uri(self) -> str:
         return join(self.storage_path.rstrip("/"), self.name)
+
+    @property
+    def suite_models(self) -> dict[str, str]:
+        return self.models or ({"model": self.embeddings} if self.embeddings else {})
 
 
 # -- the runs -------------------------------------------------------------------------------------
@@ -353,17 +360,35 @@ def _view_masks(launch: SweepLaunch, frame: pd.DataFrame, name: str, view) -> di
     return out
 
 
+def _parquet(frame: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
 def probe_trial(config: dict[str, Any], cfg, launch: SweepLaunch) -> None:
-    """One trial of the probe suite: fit on the run's site, report the validation metric
-    (`val`), score every site's test split and write one row per evaluated site to
-    `<storage>/<study>/probes/<run key>.parquet`."""
+    """One trial of the probe suite: fit on the run's site with the run's model's embeddings,
+    report the validation metric (`val`), score every site's test split, and write under
+    `<storage>/<study>/`: `probes/<run key>.parquet` (one row of metrics per evaluated site),
+    `probe_predictions/<run key>.parquet` (per scan, `suite.prediction_rows`: the report's
+    input) and, for a mask task, each test scan's predicted labels as NIfTI in its world frame,
+    `segmentations/<run key>/<scan_id>.nii.gz`."""
     from ray import tune
 
-    from fmct_ray.downstream.suite import fit_probe_for, labelled, score, suite_key, validation_value
+    from fmct_ray.downstream.suite import (
+        fit_probe_for,
+        labelled,
+        prediction_nifti,
+        prediction_rows,
+        score,
+        suite_key,
+        validation_value,
+    )
+    from fmct_ray.ingest import SiteStore
 
     run = config["run"]
     spec = next(t for t in cfg.tasks if t.name == run["task"])
-    table = load_table(launch.labels, launch.embeddings, launch.storage)
+    table = load_table(launch.labels, launch.suite_models[run["model"]], launch.storage)
     masks = _view_masks(launch, table, spec.columns[0], cfg.view) if spec.kind == "mask" else None
     site = table[table["site"] == run["site"]]
     train, val = (labelled(spec, site[site["split"] == s], masks) for s in ("train", "val"))
@@ -372,15 +397,23 @@ def probe_trial(config: dict[str, Any], cfg, launch: SweepLaunch) -> None:
         probe_cfg = dataclasses.replace(cfg.probe, lr=run["lr"], seed=run["seed"])
         predict = fit_probe_for(spec, run["probe"], train, val, cfg.view, masks, probe_cfg)
         val_value = validation_value(spec, score(spec, val, predict(val), masks, train))
-    rows = []
+    fs, root = filesystem(launch.experiment_uri, launch.storage)
+    key, rows, preds = suite_key(run), [], []
+    meta = {**run, "kind": spec.kind, "val": val_value, "key": key}
+    if spec.kind == "mask":
+        meta["mask_name"] = spec.columns[0]
     for eval_site, group in table[table["split"] == "test"].groupby("site"):
         test = labelled(spec, group, masks)
-        metrics = score(spec, test, None if predict is None else predict(test), masks, train)
-        rows.append({**run, "kind": spec.kind, "eval_site": eval_site, "n": len(test), **metrics})
-    buf = io.BytesIO()
-    pd.DataFrame(rows).to_parquet(buf, index=False)
-    fs, root = filesystem(launch.experiment_uri, launch.storage)
-    atomic_write(fs, join(root, "probes", suite_key(run) + ".parquet"), buf.getvalue())
+        pred = None if predict is None else predict(test)
+        rows.append({**meta, "eval_site": eval_site, "n": len(test), **score(spec, test, pred, masks, train)})
+        preds.append(prediction_rows(spec, test, pred, masks).assign(**meta, eval_site=eval_site))
+        if spec.kind == "mask":
+            store = SiteStore(launch.stores[eval_site], launch.storage)
+            for scan_id, labels in zip(test["scan_id"], pred, strict=True):
+                nifti = prediction_nifti(labels, cfg.view, store.affine(scan_id, spec.columns[0]))
+                atomic_write(fs, join(root, "segmentations", key, f"{scan_id}.nii.gz"), nifti)
+    atomic_write(fs, join(root, "probe_predictions", key + ".parquet"), _parquet(pd.concat(preds)))
+    atomic_write(fs, join(root, "probes", key + ".parquet"), _parquet(pd.DataFrame(rows)))
     tune.report({"val": val_value})
 
 
@@ -391,8 +424,10 @@ def run_probe_sweep(cfg, launch: SweepLaunch) -> pd.DataFrame:
 
     from fmct_ray.downstream.suite import suite_runs
 
+    if not launch.suite_models:
+        raise ValueError("the probe suite needs embeddings (--embeddings [MODEL=]URI ...)")
     labels = pd.read_parquet(launch.labels, columns=["site"])
-    runs = suite_runs(cfg, list(cfg.sites) or sorted(labels["site"].unique()))
+    runs = suite_runs(cfg, list(cfg.sites) or sorted(labels["site"].unique()), list(launch.suite_models))
     return _fit(
         build_tuner(cfg, launch, {"run": tune.grid_search(runs)}, "probes", fn=probe_trial, metric="val")
     )

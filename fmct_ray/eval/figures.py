@@ -139,6 +139,104 @@ def study_fewshot_curves(summary: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
+def suite_figures(kept: pd.DataFrame, out: Path) -> dict[str, Path]:
+    """The probe suite's figure per task (`fmct_ray.eval.suite_report`), from the per-scan rows of
+    the kept in-domain runs: regression scatter, Kaplan-Meier curves by predicted risk group,
+    Recall@k curve, localisation error histogram; one panel per model, one colour per site."""
+    from fmct_ray.eval.task_metrics import kaplan_meier
+
+    plt, written = _plt(), {}
+    for (kind, probe, task), g in kept.groupby(["kind", "probe", "task"]):
+        models = sorted(g["model"].unique())
+        if kind == "binary" and probe == "retrieval":
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for (model, site), r in g.groupby(["model", "site"]):
+                n = int(r["candidates"].max())
+                k = np.arange(1, n + 1)
+                ax.plot(k, [(r["rank"] < kk).mean() for kk in k], label=f"{model} {site}")
+            ax.plot(k, k / n, "k:", label="chance")
+            ax.set(xscale="log", xlabel="k", ylabel="Recall@k", title=f"{task}: retrieval", ylim=(0, 1.02))
+            ax.legend(fontsize=7)
+            written[f"suite_recall_{task}"] = _save(fig, out / f"suite_recall_{task}.png")
+            continue
+        if kind not in ("continuous", "survival", "point"):
+            continue
+        fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.5), squeeze=False)
+        for ax, model in zip(axes[0], models, strict=True):
+            for i, (site, r) in enumerate(g[g["model"] == model].groupby("site")):
+                if kind == "continuous":
+                    ax.scatter(r["y"], r["pred"], s=10, color=f"C{i}", label=site)
+                    lo, hi = r[["y", "pred"]].min().min(), r[["y", "pred"]].max().max()
+                    ax.plot([lo, hi], [lo, hi], "k:", lw=0.8)
+                    ax.set(xlabel="true", ylabel="predicted")
+                elif kind == "survival":
+                    high = r["risk"].to_numpy() > np.median(r["risk"])
+                    for group, ls in ((high, "-"), (~high, "--")):
+                        t, e = r["time"].to_numpy()[group], r["event"].to_numpy()[group]
+                        grid = np.linspace(0, r["time"].max(), 200)
+                        name = "high" if ls == "-" else "low"
+                        ax.step(
+                            grid, kaplan_meier(t, e)(grid), ls=ls, color=f"C{i}", label=f"{site} {name} risk"
+                        )
+                    ax.set(xlabel="time", ylabel="survival", ylim=(0, 1.02))
+                else:
+                    ax.hist(r["error_mm"], bins=20, alpha=0.6, color=f"C{i}", label=site)
+                    ax.set(xlabel="distance error (mm)", ylabel="scans")
+            ax.set_title(model)
+            ax.legend(fontsize=7)
+        name = {"continuous": "regression", "survival": "km", "point": "localisation"}[kind]
+        fig.suptitle(f"{task}: {name}")
+        written[f"suite_{name}_{task}"] = _save(fig, out / f"suite_{name}_{task}.png")
+    return written
+
+
+def segmentation_overlays(
+    kept: pd.DataFrame, fs, root: str, stores: dict, storage, out: Path
+) -> dict[str, Path]:
+    """Per mask task: one test scan (the first every model predicted) at the axial slice with the
+    most labelled voxels; its stored volume with the stored mask, and each model's prediction read
+    back from its NIfTI (`<root>/<run key>/<scan_id>.nii.gz`) and placed by the NIfTI's affine."""
+    import gzip
+
+    import nibabel as nib
+
+    from fmct_ray.ingest import SiteStore
+
+    plt, written = _plt(), {}
+    for task, g in kept[kept["kind"] == "mask"].groupby("task"):
+        site = sorted(g["site"].unique())[0]
+        g = g[g["site"] == site]
+        models = sorted(g["model"].unique())
+        common = set.intersection(*(set(g.loc[g["model"] == m, "scan_id"]) for m in models))
+        if site not in stores or not common:
+            continue
+        scan = sorted(common)[0]
+        store = SiteStore(stores[site], storage)
+        volume, truth = store.read_volume(scan), store.read_mask(scan, g["mask_name"].iloc[0])
+        fig, axes = plt.subplots(1, len(models) + 1, figsize=(3.4 * (len(models) + 1), 3.6), squeeze=False)
+        for ax, model in zip(axes[0][1:], models, strict=True):
+            key = g.loc[g["model"] == model, "key"].iloc[0]
+            with fs.open(f"{root}/{key}/{scan}.nii.gz", "rb") as f:
+                image = nib.Nifti1Image.from_bytes(gzip.decompress(f.read()))
+            pred = np.asarray(image.dataobj)
+            to_stored = np.linalg.inv(store.affine(scan)) @ image.affine
+            idx = np.indices(pred.shape).reshape(3, -1)
+            at = np.rint(to_stored[:3, :3] @ idx + to_stored[:3, 3:]).astype(int)
+            at = tuple(np.clip(a, 0, n - 1) for a, n in zip(at, volume.shape, strict=True))
+            img, lab = volume[at].reshape(pred.shape), truth[at].reshape(pred.shape)
+            z = int(np.argmax((lab > 0).sum((0, 1))))
+            for a, (labels, title) in zip(
+                (axes[0][0], ax), ((lab, f"stored mask ({site} {scan[:8]})"), (pred, f"{model}")), strict=True
+            ):
+                a.imshow(np.clip((img[:, :, z].T + 40) / 160, 0, 1), cmap="gray", origin="lower")
+                a.imshow(np.ma.masked_equal(labels[:, :, z].T, 0), cmap="autumn", alpha=0.5, origin="lower")
+                a.set_title(title, fontsize=8)
+                a.axis("off")
+        fig.suptitle(f"{task}: segmentation, axial slice {z} of the view")
+        written[f"suite_segmentation_{task}"] = _save(fig, out / f"suite_segmentation_{task}.png")
+    return written
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=90, bbox_inches="tight")
     import matplotlib.pyplot as plt

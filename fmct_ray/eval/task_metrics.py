@@ -71,20 +71,26 @@ def c_index(time, event, risk) -> float:
     return float(concordant / comparable)
 
 
-def censoring_survival(time, event):
-    """Kaplan-Meier estimate of the censoring distribution G(t) = P(C > t) from (time, event)
-    (censoring is the 'event'; at a tie, events happen first). Returns G as a step function."""
+def kaplan_meier(time, event):
+    """Kaplan-Meier estimate of S(t) = P(T > t) from censored (time, event); returns S as a step
+    function (right-continuous; at a tie the at-risk set includes every tied time)."""
     t, e = _survival(time, event)
     times = np.unique(t)
     at_risk = (t[None, :] >= times[:, None]).sum(1)
-    censored = ((t[None, :] == times[:, None]) & ~e[None, :]).sum(1)
-    g = np.cumprod(1.0 - censored / at_risk)
+    events = ((t[None, :] == times[:, None]) & e[None, :]).sum(1)
+    s = np.cumprod(1.0 - events / at_risk)
 
     def survival(x) -> np.ndarray:
         idx = np.searchsorted(times, np.asarray(x, dtype=np.float64), side="right") - 1
-        return np.where(idx >= 0, g[np.clip(idx, 0, None)], 1.0)
+        return np.where(idx >= 0, s[np.clip(idx, 0, None)], 1.0)
 
     return survival
+
+
+def censoring_survival(time, event):
+    """Kaplan-Meier estimate of the censoring distribution G(t) = P(C > t) from (time, event)
+    (censoring is the 'event'; at a tie, events happen first). Returns G as a step function."""
+    return kaplan_meier(time, 1 - np.asarray(event, dtype=np.float64))
 
 
 def time_dependent_auroc(time, event, risk, horizon: float, train_time=None, train_event=None) -> float:

@@ -187,12 +187,17 @@ class SiteStore:
             raise OSError(f"{self.uri}: volume {scan_id} fails its checksum")
         return volume
 
-    def affine(self, scan_id: str) -> np.ndarray:
-        """The stored volume's voxel -> RAS mm affine (its metadata only)."""
+    def affine(self, scan_id: str, mask: str | None = None) -> np.ndarray:
+        """The stored volume's voxel -> RAS mm affine (its metadata only), or that of its mask
+        `mask` (the same grid)."""
+        path = (
+            join(self.root, "volumes", scan_id) if mask is None else join(self.root, "masks", mask, scan_id)
+        )
         try:
-            (meta,) = self._get([join(self.root, "volumes", scan_id, "zarr.json")])
+            (meta,) = self._get([join(path, "zarr.json")])
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{self.uri}: no stored volume {scan_id}") from err
+            what = "stored volume" if mask is None else f"mask {mask!r} of"
+            raise FileNotFoundError(f"{self.uri}: no {what} {scan_id}") from err
         return np.asarray(json.loads(bytes(meta))["attributes"]["affine"], dtype=np.float64)
 
     def write_mask(self, scan_id: str, name: str, mask: np.ndarray, affine: np.ndarray) -> None:
