@@ -12,8 +12,12 @@ Stages (each can run alone with `--stages`):
            mean token; MAE: the patch-token grid), the reports (fmct_ray.study)
   probe    labels of the ingested sites, embeddings with the DINO backbone, then a Ray Tune sweep:
            linear and attentive probes against scratch models, per site, with external validation
+  suite    the probe suite (configs/suite/demo.yaml) on the DINO embeddings and on random init's:
+           classification, retrieval, regression, survival, localisation and segmentation probes,
+           one Ray Tune trial each, every site's test split scored
   report   AUROC [CI], AP, p-values vs scratch, few-shot curves, external-validation matrix,
-           attention-distance map, all in one folder"""
+           attention-distance map; the suite's section per category (metric [CI], p vs random
+           init, a figure each); all in one folder"""
 
 from __future__ import annotations
 
@@ -44,7 +48,9 @@ def stage_ingest(out: Path) -> None:
         (real / "invesalius_0051").symlink_to(REAL / "invesalius_0051_dicom")
         (real / "template.nii.gz").symlink_to(REAL / "ichseg_template_1mm_hu_skullstripped.nii.gz")
     # a 2:1:1 split so that each small demo site has enough held-out scans (the default is 8:1:1)
-    ingest_synthetic_sites(out, SITES, seed=100, ingest_overrides=["split_fractions=[0.5, 0.25, 0.25]"])
+    ingest_synthetic_sites(
+        out, SITES, seed=100, ingest_overrides=["split_fractions=[0.5, 0.25, 0.25]"], masks=True
+    )
 
 
 def stage_inspect(out: Path) -> None:
@@ -146,10 +152,37 @@ def stage_probe(out: Path) -> None:
     print(f"== sweep: {len(probes)} probe runs, {len(scratch)} scratch runs in {launch.experiment_uri}")
 
 
+def stage_suite(out: Path) -> None:
+    """The probe suite on the probe stage's DINO embeddings and on random init of the same preset
+    (embedded here, at the same view)."""
+    from fmct_ray.data.embed import BackboneConfig, EmbedConfig, extract_embeddings
+    from fmct_ray.downstream.suite import SuiteConfig
+    from fmct_ray.downstream.tune import probe_results, run_probe_sweep
+
+    launch = _suite_launch(out)
+    cfg = config_lib.load(SuiteConfig, ROOT / "configs/suite/demo.yaml")
+    random = study.backbones(STUDY, out / "study")["random0"]
+    ecfg = EmbedConfig(
+        backbone=BackboneConfig(**random), view=cfg.view, tokens=True, actors=2, cpus_per_actor=0.5
+    )
+    sites = [SiteSpec(n, u) for n, u in launch.stores.items()]
+    print(f"== embeddings of random init: {extract_embeddings(ecfg, sites, launch.models['random'])} scans")
+    run_probe_sweep(cfg, launch)
+    results = probe_results(launch)
+    print(f"== suite: {len(results)} rows (trial x evaluated site) in {launch.experiment_uri}/probes")
+
+
+def _suite_launch(out: Path):
+    launch = _launch(out)
+    models = {"dino": launch.embeddings, "random": str(out / "embeddings_random.parquet")}
+    return dataclasses.replace(launch, models=models)
+
+
 def stage_report(out: Path) -> None:
     from fmct_ray.data.views import attention_input
     from fmct_ray.downstream.config import FinetuneConfig
-    from fmct_ray.eval.report import ReportConfig, write_report
+    from fmct_ray.eval.report import NoResults, ReportConfig, write_report
+    from fmct_ray.eval.suite_report import write_suite_report
 
     launch = _launch(out)
     view = config_lib.load(FinetuneConfig, ROOT / "configs/finetune/debug_tiny.yaml").view
@@ -162,6 +195,17 @@ def stage_report(out: Path) -> None:
         attention=attention_input(str(_backbone(out)), launch.stores["site_a"], first, view),
     )
     print("\n" + written["results_md"].read_text())
+    try:
+        suite = write_suite_report(
+            launch.experiment_uri,
+            out / "report",
+            ReportConfig(1000, 1000),
+            reference="random",
+            stores=launch.stores,
+        )
+        print("\n" + suite["suite_md"].read_text())
+    except NoResults:  # the suite stage was left out
+        print("== no probe-suite results (stage suite not run)")
     print(f"== report: {out / 'report'}")
 
 
@@ -171,6 +215,7 @@ STAGES = {
     "pretrain": stage_pretrain,
     "study": stage_study,
     "probe": stage_probe,
+    "suite": stage_suite,
     "report": stage_report,
 }
 

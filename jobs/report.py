@@ -5,14 +5,14 @@ reference model, a figure per task), whichever the study has.
 
     python jobs/report.py --results s3://b/studies/study --out report/ \
         [--attention-backbone teacher_backbone.pt --attention-store A=s3://b/siteA --attention-scan <scan_id>]
-    python jobs/report.py --results runs/suite --out report/ --reference random --stores s=store
+    python jobs/report.py --results runs/study --out report/ --stores s=store [--reference random]
 """
 
 import argparse
 
 from fmct_ray.cli import add_store_args, sites_from_args
 from fmct_ray.data.views import attention_input
-from fmct_ray.eval.report import ReportConfig, write_report
+from fmct_ray.eval.report import NoResults, ReportConfig, write_report
 from fmct_ray.eval.suite_report import write_suite_report
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     ):
         try:
             written.update(write())
-        except FileNotFoundError as err:
+        except NoResults as err:  # this study has no such results
             missing.append(str(err))
     if not written:
         raise SystemExit("report: " + "; ".join(missing))

@@ -388,6 +388,13 @@ def C_label_scans(cfg, manifest, table, **kw):
 def test_typed_targets_are_refused_where_they_cannot_come_from(tmp_path):
     with pytest.raises(ValueError, match="names 2 label-file columns"):
         LabelConfig(tasks={"os": TaskDefinition(kind="survival", columns=("t",))})
+    with pytest.raises(ValueError, match="includes non-binary task"):
+        LabelConfig(tasks={"v": TaskDefinition(kind="continuous"), "b": TaskDefinition(include=("v",))})
+    only = LabelConfig(tasks={"v": TaskDefinition(kind="continuous", column="v")})  # no binary task
+    one = pd.DataFrame({"scan_id": ["a"], "patient_id": "a", "site": "A", "split": "train"})
+    got, table = C_label_scans(only, one, pd.DataFrame({"scan_id": ["a", "a"], "v": [1.0, float("inf")]}))
+    assert got["v"].iloc[0] == 1.0  # the infinite row is invalid; the other row gives the value
+    assert "invalid value in column(s) ['v']: 1" in table["reasons"].iloc[0]
     with pytest.raises(ValueError, match="from a label file, not codes"):
         LabelConfig(tasks={"v": TaskDefinition(kind="continuous", codes=("I61",))})
     with pytest.raises(ValueError, match="read per scan"):

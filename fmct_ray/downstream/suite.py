@@ -10,6 +10,7 @@ mapped there from the view (`patch_positions`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -178,7 +179,10 @@ def prediction_rows(
     y = _target(spec, frame, masks)
     if spec.kind == "binary" and pred is None:
         rows, ranks, candidates = retrieval_ranks(matrix(frame, "cls"), y)
-        return base.iloc[rows].reset_index(drop=True).assign(rank=ranks, candidates=candidates)
+        # the candidates are drawn from the pool's order and labels: two models' ranks pair up
+        # only over the same pool (the report checks `pool`)
+        pool = hashlib.sha1(repr((list(base["scan_id"]), y.tolist())).encode()).hexdigest()[:16]
+        return base.iloc[rows].reset_index(drop=True).assign(rank=ranks, candidates=candidates, pool=pool)
     if spec.kind == "binary":
         return base.assign(y=y, score=pred)
     if spec.kind == "continuous":

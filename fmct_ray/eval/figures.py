@@ -172,11 +172,18 @@ def suite_figures(kept: pd.DataFrame, out: Path) -> dict[str, Path]:
                 elif kind == "survival":
                     high = r["risk"].to_numpy() > np.median(r["risk"])
                     for group, ls in ((high, "-"), (~high, "--")):
+                        if not group.any():
+                            continue  # constant risks: one group
                         t, e = r["time"].to_numpy()[group], r["event"].to_numpy()[group]
                         grid = np.linspace(0, r["time"].max(), 200)
                         name = "high" if ls == "-" else "low"
                         ax.step(
-                            grid, kaplan_meier(t, e)(grid), ls=ls, color=f"C{i}", label=f"{site} {name} risk"
+                            grid,
+                            kaplan_meier(t, e)(grid),
+                            where="post",
+                            ls=ls,
+                            color=f"C{i}",
+                            label=f"{site} {name} risk",
                         )
                     ax.set(xlabel="time", ylabel="survival", ylim=(0, 1.02))
                 else:
@@ -221,13 +228,16 @@ def segmentation_overlays(
             pred = np.asarray(image.dataobj)
             to_stored = np.linalg.inv(store.affine(scan)) @ image.affine
             idx = np.indices(pred.shape).reshape(3, -1)
-            at = np.rint(to_stored[:3, :3] @ idx + to_stored[:3, 3:]).astype(int)
+            # the stored voxel each view voxel samples, as `view_labels` cuts targets (floor of the
+            # view voxel's centre; the epsilon absorbs the NIfTI header's float32 affine)
+            at = np.floor(to_stored[:3, :3] @ idx + to_stored[:3, 3:] + 0.5 + 1e-4).astype(int)
             at = tuple(np.clip(a, 0, n - 1) for a, n in zip(at, volume.shape, strict=True))
             img, lab = volume[at].reshape(pred.shape), truth[at].reshape(pred.shape)
             z = int(np.argmax((lab > 0).sum((0, 1))))
-            for a, (labels, title) in zip(
-                (axes[0][0], ax), ((lab, f"stored mask ({site} {scan[:8]})"), (pred, f"{model}")), strict=True
-            ):
+            panels = [(ax, pred, model)]
+            if ax is axes[0][1]:  # the stored mask once: every model's view grid is the same
+                panels.append((axes[0][0], lab, f"stored mask ({site} {scan[:8]})"))
+            for a, labels, title in panels:
                 a.imshow(np.clip((img[:, :, z].T + 40) / 160, 0, 1), cmap="gray", origin="lower")
                 a.imshow(np.ma.masked_equal(labels[:, :, z].T, 0), cmap="autumn", alpha=0.5, origin="lower")
                 a.set_title(title, fontsize=8)

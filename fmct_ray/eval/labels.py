@@ -145,6 +145,9 @@ class LabelConfig:
             unknown = set(task.include) - set(self.tasks)
             if unknown:
                 raise ValueError(f"task {name} includes unknown task(s) {sorted(unknown)}")
+            typed = [t for t in task.include if self.tasks[t].kind != "binary"]
+            if typed:
+                raise ValueError(f"task {name} includes non-binary task(s) {typed}")
         for name in self.tasks:
             expand(self, name)  # raises on include cycles
         if self.layout == "rsna2019" and self.id_kind != "dicom_slice":
@@ -467,7 +470,7 @@ def _typed_labels(
             bad = (values[:, 0] < 0) | ~np.isin(values[:, 1], (0.0, 1.0))
         else:
             bad = np.zeros(len(table), bool)
-        invalid = ~empty & (np.isnan(values).any(1) | bad)
+        invalid = ~empty & (~np.isfinite(values).all(1) | bad)
         report.add(name, "empty cell", (empty & known).sum())
         report.add(name, f"invalid value in column(s) {src}", (invalid & known).sum())
         values[empty | invalid] = np.nan

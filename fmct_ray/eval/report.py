@@ -28,6 +28,10 @@ from fmct_ray.storage import StorageConfig, filesystem, join
 KEYS = ["task", "train_site", "mode", "shots", "seed"]
 
 
+class NoResults(FileNotFoundError):
+    """A study folder without the files a report reads (the sweep or the suite has not run)."""
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     """Statistics settings of a report.
@@ -50,7 +54,7 @@ def load_predictions(results_uri: str, storage: StorageConfig | None = None) -> 
     fs, root = filesystem(results_uri, storage)
     files = sorted(fs.glob(join(root, "predictions", "*.parquet")))
     if not files:
-        raise FileNotFoundError(f"no prediction files under {results_uri}/predictions (has the sweep run?)")
+        raise NoResults(f"no prediction files under {results_uri}/predictions (has the sweep run?)")
     frames = []
     for f in files:
         with fs.open(f, "rb") as fh:

@@ -19,6 +19,7 @@ VoxelFM's seventh category, report generation, needs a language model and is not
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ class Primary:
 
 
 def _dice(d: dict[str, np.ndarray]) -> float:
-    classes = sorted(int(k.split("_")[1]) for k in d if k.startswith("inter_"))
+    classes = sorted(int(k[6:]) for k in d if re.fullmatch(r"inter_\d+", k))
     counts = [[d[f"inter_{c}"].sum(), d[f"total_{c}"].sum()] for c in classes]
     return dice_from_counts(counts)["dice_macro"]
 
@@ -123,7 +124,7 @@ def _read_all(results_uri: str, folder: str, storage: StorageConfig | None) -> p
 def selected_runs(preds: pd.DataFrame) -> pd.DataFrame:
     """Rows of the kept runs: per model, task, probe and training site, the first seed's run with
     the best validation value (retrieval: its one run)."""
-    runs = preds.drop_duplicates([*RUN, "seed", "lr"])[[*RUN, "seed", "lr", "val"]]
+    runs = preds.drop_duplicates([*RUN, "seed", "lr"])[[*RUN, "seed", "lr", "val"]].fillna({"val": -np.inf})
     runs = runs[runs["seed"] == runs.groupby(RUN)["seed"].transform("min")]
     best = runs.loc[runs.groupby(RUN)["val"].idxmax(), [*RUN, "seed", "lr"]]
     return preds.merge(best, on=[*RUN, "seed", "lr"])
@@ -160,8 +161,8 @@ def _paired_p(primary: Primary, a: pd.DataFrame, b: pd.DataFrame, cfg) -> float:
     queries) both were scored on."""
     key = ["scan_id"]
     pair = a.merge(b, on=key, suffixes=("", "_ref"))
-    if len(pair) < 2:
-        return float("nan")
+    if len(pair) < 2 or ("pool" in pair and (pair["pool"] != pair["pool_ref"]).any()):
+        return float("nan")  # nothing to pair, or retrieval ranked against other candidates
     cols = primary.swap(a)
     d = _arrays(pair)
     if primary.rank:
@@ -305,14 +306,12 @@ def write_suite_report(
         stores: site -> store URI, for the segmentation overlay (left out without).
     """
     from fmct_ray.eval import figures
-    from fmct_ray.eval.report import ReportConfig
+    from fmct_ray.eval.report import NoResults, ReportConfig
 
     cfg = cfg or ReportConfig()
     preds = _read_all(results_uri, "probe_predictions", storage)
     if preds.empty:
-        raise FileNotFoundError(
-            f"no probe predictions under {results_uri}/probe_predictions (has the suite run?)"
-        )
+        raise NoResults(f"no probe predictions under {results_uri}/probe_predictions (has the suite run?)")
     if reference and reference not in set(preds["model"]):
         raise ValueError(
             f"reference model {reference!r} is not among the suite's models {sorted(set(preds['model']))}"
