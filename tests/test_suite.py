@@ -371,5 +371,14 @@ def test_suite_report_has_every_category_with_intervals_and_paired_tests(tmp_pat
         "suite_localisation_centre",
     ):
         assert written[name].stat().st_size > 1000
+    # retrieval ranked against another candidate pool (other scans or labels) does not pair up
+    ret = tmp_path / "study" / "probe_predictions" / "good-finding-retrieval-0.001.parquet"
+    pd.read_parquet(ret).assign(pool="other").to_parquet(ret)
+    again = write_suite_report(
+        str(tmp_path / "study"), tmp_path / "r1", ReportConfig(50, 50), reference="random"
+    )
+    table = pd.read_csv(again["suite_csv"]).set_index(["category", "model"])
+    assert np.isnan(table.loc[("retrieval", "good"), "p_vs_reference"])
+    assert table.loc[("classification", "good"), "p_vs_reference"] < 0.05
     with pytest.raises(ValueError, match="reference model 'nope'"):
         write_suite_report(str(tmp_path / "study"), tmp_path / "r2", ReportConfig(10, 10), reference="nope")

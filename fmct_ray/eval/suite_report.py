@@ -161,7 +161,7 @@ def _paired_p(primary: Primary, a: pd.DataFrame, b: pd.DataFrame, cfg) -> float:
     queries) both were scored on."""
     key = ["scan_id"]
     pair = a.merge(b, on=key, suffixes=("", "_ref"))
-    if len(pair) < 2 or ("pool" in pair and (pair["pool"] != pair["pool_ref"]).any()):
+    if len(pair) < 2 or ("pool" in pair and (pair["pool"].fillna("") != pair["pool_ref"].fillna("")).any()):
         return float("nan")  # nothing to pair, or retrieval ranked against other candidates
     cols = primary.swap(a)
     d = _arrays(pair)
