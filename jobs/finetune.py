@@ -2,12 +2,13 @@ r"""The fine-tuning matrix on Ray Tune: tasks x sites x modes x K x seeds, with 
 
     # 1. cache frozen-backbone embeddings (Ray Data actor pool, GPU when present)
     python jobs/finetune.py embed --config configs/finetune/fmct_vitb.yaml \
-        --set backbone.path=runs/dino/teacher_backbone.pt --stores A=s3://b/siteA B=s3://b/siteB \
-        --out s3://b/study/embeddings.parquet --actors 4 --gpus-per-actor 1
+        --set backbone.path=runs/dino/teacher_backbone.pt --stores A=s3://bucket/siteA B=s3://bucket/siteB \
+        --out s3://bucket/study/embeddings.parquet --actors 4 --gpus-per-actor 1
     # 2. the sweep (probes on cached embeddings; full fine-tuning reads the stores)
     python jobs/finetune.py sweep --config configs/finetune/fmct_vitb.yaml --name study \
-        --storage s3://b/studies --labels labels.parquet --embeddings s3://b/study/embeddings.parquet \
-        --stores A=s3://b/siteA B=s3://b/siteB --cpus-per-trial 0.25 --gpus-per-trial 0
+        --storage s3://bucket/studies --labels labels.parquet \
+        --embeddings s3://bucket/study/embeddings.parquet \
+        --stores A=s3://bucket/siteA B=s3://bucket/siteB --cpus-per-trial 0.25 --gpus-per-trial 0
 
     # 3. the probe suite beyond classification (regression, survival, retrieval, localisation,
     #    segmentation; typed targets in the label table, masks in the stores)

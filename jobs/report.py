@@ -3,8 +3,9 @@ curves, AUROC bars, external-validation matrices, optionally an attention-distan
 scan) and the probe suite's (suite.md/.csv: one section per task category, p-values against a
 reference model, a figure per task), whichever the study has.
 
-    python jobs/report.py --results s3://b/studies/study --out report/ \
-        [--attention-backbone teacher_backbone.pt --attention-store A=s3://b/siteA --attention-scan <scan_id>]
+    python jobs/report.py --results s3://bucket/studies/study --out report/ \
+        [--attention-backbone teacher_backbone.pt --attention-store A=s3://bucket/siteA \
+         --attention-scan <scan_id>]
     python jobs/report.py --results runs/study --out report/ --stores s=store [--reference random]
 """
 

@@ -2,8 +2,9 @@
 (lr x weight decay x epochs x optimiser = 144 configurations) or Optuna + ASHA (`sweep.search=optuna`).
 
     python jobs/sweep_scratch.py --config configs/finetune/scratch_vitb.yaml --name study \
-        --storage s3://b/studies --labels labels.parquet --stores A=s3://b/siteA B=s3://b/siteB \
-        --gpus-per-trial 1 [--set sweep.search=optuna --set sweep.optuna_trials=24]
+        --storage s3://bucket/studies --labels labels.parquet \
+        --stores A=s3://bucket/siteA B=s3://bucket/siteB --gpus-per-trial 1 \
+        [--set sweep.search=optuna --set sweep.optuna_trials=24]
 
 Use the study name of jobs/finetune.py so that the report compares against this baseline.
 Running the same command again resumes the sweep.

@@ -5,7 +5,7 @@ where it has one) is found here. The fast test checks that each has a case below
 runs each, in order, on one local Ray cluster (`ray start`, 8 logical CPUs, resources `site_a` and
 `site_b`, the site secret and the loopback S3 server's credentials in its environment;
 `ray job submit` commands go through its dashboard) with the loopback S3 server behind every
-s3:// URI as written (buckets `bucket` and `b`). What a case changes, and only that:
+s3:// URI as written (bucket `bucket`). What a case changes, and only that:
 - placeholders (`<recipe>`, `NAME`, `PATH_OR_URI`, `/data/...` folders, `...`) become tiny inputs;
 - `[optional]` parts are dropped, or kept where the case says so;
 - GPU requests become CPU ones (no GPU here);
@@ -62,20 +62,23 @@ class Case:
     extra: tuple[str, ...] = ()
 
 
-TINY_FINETUNE = (
-    "--set", "sweep.tasks=[Hydrocephalus]", "sweep.modes=[linear]", "sweep.shots=[0, 4]", "sweep.seeds=1",
+def sets(*pairs: str) -> tuple[str, ...]:
+    return tuple(a for kv in pairs for a in ("--set", kv))
+
+
+TINY_FINETUNE = sets(
+    "sweep.tasks=[Hydrocephalus]", "sweep.modes=[linear]", "sweep.shots=[0, 4]", "sweep.seeds=1",
     "train.epochs=2", "train.samples_per_epoch=16", "train.small_samples_per_epoch=16",
 )  # fmt: skip
-TINY_STUDY = (
-    "--set", "corpus_scans=16", "--set", "pool_scans=24", "--set", "test_scans=24",
-    "--set", "overrides=[train.epochs=1]", "--set", "shots=[2, 4]", "--set", "draws=2",
-    "--set", "scratch_epochs=1",
+TINY_STUDY = sets(
+    "corpus_scans=16", "pool_scans=24", "test_scans=24", "overrides=[train.epochs=1]", "shots=[2, 4]",
+    "draws=2", "scratch_epochs=1",
 )  # fmt: skip
 CASES: dict[tuple[str, int], Case] = {
     ("demo", 0): Case("demo", keep_optional=True),
     ("finetune", 0): Case("sites", {"--gpus-per-actor 1": "--gpus-per-actor 0"}),
     ("finetune", 1): Case("sites", extra=TINY_FINETUNE),
-    ("finetune", 2): Case("suite", extra=("--set", "probe.epochs=5", "--cpus-per-trial", "0.5")),
+    ("finetune", 2): Case("suite", extra=(*sets("probe.epochs=5"), "--cpus-per-trial", "0.5")),
     ("ingest", 0): Case("sites", {"NAME": "I", "PATH_OR_URI": "raw", "STORE_URI": "s3://bucket/ingested"}),
     ("ingest", 1): Case("sites", {"...": "--site I2 --input raw --output s3://bucket/ingested2"}),
     ("labels", 0): Case("sites", keep_optional=True),
@@ -100,12 +103,14 @@ CASES: dict[tuple[str, int], Case] = {
         {"--gpus-per-trial 1": "--gpus-per-trial 0"},
         extra=(
             *TINY_FINETUNE,
-            "backbone.preset=vit3d_tiny",
-            "view.size=32",
-            "sweep.scratch_lrs=[1e-3]",
-            "sweep.scratch_weight_decays=[0.01]",
-            "sweep.scratch_epochs=[1]",
-            "sweep.scratch_optimizers=[adamw]",
+            *sets(
+                "backbone.preset=vit3d_tiny",
+                "view.size=32",
+                "sweep.scratch_lrs=[1e-3]",
+                "sweep.scratch_weight_decays=[0.01]",
+                "sweep.scratch_epochs=[1]",
+                "sweep.scratch_optimizers=[adamw]",
+            ),  # fmt: skip
         ),
     ),  # fmt: skip
 }
@@ -157,18 +162,16 @@ def world(tmp_path_factory, s3):
 
     root = tmp_path_factory.mktemp("examples")
     fs = s3.filesystem()
-    for bucket in ("bucket", "b"):
-        fs.mkdir(bucket)
+    fs.mkdir("bucket")
     cluster = RayCluster(num_cpus=8, resources='{"site_a": 1, "site_b": 1}')
     cluster.env.update(s3.env(), FMCT_SITE_SECRET=SECRET)
     with cluster:
         env = {**cluster.env, "RAY_ADDRESS": cluster.address, "RAY_API_SERVER_ADDRESS": cluster.dashboard}
         sites = _folder(root, "sites")
-        # pretraining stores (one on S3, one local) and the downstream sites A and B on S3
-        write_store("s3://bucket/siteA", 8, site="A")
+        # sites A and B on S3 (pretraining reads A and a local B; the downstream examples A and B)
         write_store(str(sites / "siteB"), 8, site="B")
         rows = [
-            write_store(f"s3://b/site{s}", 40, site=s, splits=("train", "train", "val", "test"), seed=k)
+            write_store(f"s3://bucket/site{s}", 40, site=s, splits=("train", "train", "val", "test"), seed=k)
             for k, s in enumerate("AB")
         ]
         labels = pd.concat(rows).rename(columns={"hydrocephalus": "Hydrocephalus"})
