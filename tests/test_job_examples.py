@@ -196,7 +196,7 @@ def world(tmp_path_factory, s3):
             {
                 "patient_id": scans["patient_id"],
                 "time": t0 + pd.Timedelta(days=3),
-                "code": ["I61.0", "G91.1"] * 4,
+                "code": np.resize(["I61.0", "G91.1"], len(scans)),
             }
         ).to_parquet(sites / "ehr.parquet")
         # the probe suite: a store with every kind of target, its label table and token embeddings
