@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from fmct_ray import config as config_lib
-from fmct_ray.storage import StorageConfig
+from fmct_ray.storage import StorageConfig, absolute
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def job_sites(stores: Sequence[str] = (), sites_file: str | Path | None = None) 
         sites += load_sites(sites_file)
     if sites:
         check_sites(tuple(sites))
-    return tuple(sites)
+    return tuple(dataclasses.replace(s, uri=absolute(s.uri)) for s in sites)  # local: from here
 
 
 # -- keeping reads on the site's nodes ------------------------------------------------------------

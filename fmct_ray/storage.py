@@ -54,6 +54,12 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute, URIs unchanged: Ray workers and Tune trials run in folders of
+    their own, where a path relative to the job's folder names nothing."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def storage_options(cfg: StorageConfig | None) -> dict[str, Any]:
     """fsspec/s3fs keyword arguments for `cfg`, resolving secrets from the environment now."""
     cfg = cfg or StorageConfig()

@@ -3,6 +3,7 @@
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -130,3 +131,41 @@ def test_few_shot_summary():
     half = 2.7764451051977987 * np.std([0.7, 0.8, 0.9, 0.8, 0.8], ddof=1) / np.sqrt(5)  # t(0.975, 4)
     assert (out["lo"], out["hi"]) == pytest.approx((0.8 - half, 0.8 + half))
     assert M.few_shot_summary([0.6])["lo"] == 0.6
+
+
+def test_report_tables_survive_a_test_split_too_small_for_an_interval():
+    """One small site must not stop the report: a split with one positive gets its AUROC without
+    an interval, a split with one class gets none, and the other rows keep theirs (a docstring
+    example's report stopped here with 'only 898/1000 resamples had a defined value')."""
+    from fmct_ray.eval.report import ReportConfig, fewshot_table, results_table
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for site, labels in (("big", [0, 1] * 20), ("one_pos", [1] + [0] * 9), ("one_class", [0] * 10)):
+        for mode in ("linear", "scratch"):
+            for i, y in enumerate(labels):
+                run = {
+                    "task": "T",
+                    "train_site": site,
+                    "eval_site": site,
+                    "mode": mode,
+                    "shots": 0,
+                    "seed": 0,
+                }
+                rows.append(
+                    {
+                        **run,
+                        "scan_id": f"{site}{i}",
+                        "patient_id": f"{site}{i}",
+                        "label": y,
+                        "score": y + rng.normal(),
+                    }
+                )
+    table = results_table(pd.DataFrame(rows), ReportConfig(200, 200)).set_index(["site", "mode"])
+    big, one = table.loc[("big", "linear")], table.loc[("one_pos", "linear")]
+    assert big["auroc_lo"] < big["auroc"] < big["auroc_hi"] and big["p_vs_scratch"] < 1
+    assert 0 <= one["auroc"] <= 1 and np.isnan(one["auroc_lo"]) and "too few positives" in one["auroc_ci"]
+    assert np.isnan(table.loc[("one_class", "linear"), "auroc"])
+    assert table.loc[("one_class", "linear"), "auroc_ci"] == "one class: no AUROC"
+    few = fewshot_table(pd.DataFrame(rows))
+    assert set(few["site"]) == {"big", "one_pos"}  # a one-class split has no AUROC to average

@@ -2,17 +2,19 @@
 
 Each `python jobs/...` command of each job's docstring (with its `ray job submit ... --` prefix,
 where it has one) is found here. The fast test checks that each has a case below. The slow test
-runs each, in order, on one local Ray cluster (`ray start`, 8 logical CPUs, resources `site_a` and
-`site_b`, the site secret and the loopback S3 server's credentials in its environment;
-`ray job submit` commands go through its dashboard) with the loopback S3 server behind every
-s3:// URI as written (bucket `bucket`). What a case changes, and only that:
+runs each, in order: `ray job submit` commands on one local Ray cluster (`ray start`, 8 logical
+CPUs, resources `site_a` and `site_b`, through its dashboard), `python jobs/...` commands with a
+local Ray of their own, as on a workstation; the site secret and the loopback S3 server's
+credentials in the environment, and that server behind every s3:// URI as written (bucket
+`bucket`). What a case changes, and only that:
 - placeholders (`<recipe>`, `NAME`, `PATH_OR_URI`, `/data/...` folders, `...`) become tiny inputs;
 - `[optional]` parts are dropped, or kept where the case says so;
-- GPU requests become CPU ones (no GPU here);
+- GPU requests become CPU ones (no GPU here; 2 embedding actors where the GPU example has 4);
 - `extra` arguments appended after the command as written make the run tiny (fewer epochs,
   rounds, tasks; a later `--set` or flag wins).
 Relative paths are relative to each case's folder, which holds copies of `jobs/` and `configs/`
-(`--working-dir .` uploads it) and the inputs the command names, made by the fixture or by an
+(`--working-dir .` uploads it: the `ray job submit` cases' folder holds nothing else, as a
+repository would, their data elsewhere) and the inputs the command names, made by the fixture or by an
 earlier example (the sweep reads the embed stage's output, the report the sweep's).
 """
 
@@ -76,20 +78,25 @@ TINY_STUDY = sets(
 )  # fmt: skip
 CASES: dict[tuple[str, int], Case] = {
     ("demo", 0): Case("demo", keep_optional=True),
-    ("finetune", 0): Case("sites", {"--gpus-per-actor 1": "--gpus-per-actor 0"}),
+    ("finetune", 0): Case("sites", {"--actors 4 --gpus-per-actor 1": "--actors 2 --gpus-per-actor 0"}),
     ("finetune", 1): Case("sites", extra=TINY_FINETUNE),
     ("finetune", 2): Case("suite", extra=(*sets("probe.epochs=5"), "--cpus-per-trial", "0.5")),
     ("ingest", 0): Case("sites", {"NAME": "I", "PATH_OR_URI": "raw", "STORE_URI": "s3://bucket/ingested"}),
-    ("ingest", 1): Case("sites", {"...": "--site I2 --input raw --output s3://bucket/ingested2"}),
+    ("ingest", 1): Case(
+        "submit", {"...": "--site I2 --input {root}/sites/raw --output s3://bucket/ingested2"}
+    ),
     ("labels", 0): Case("sites", keep_optional=True),
     ("labels", 1): Case("rsna", {"/data/rsna-store": "rsna-store"}),
     ("labels", 2): Case("cq500", {"/data/cq500-store": "cq500-store"}),
-    ("pretrain_dino", 0): Case("sites", {"<recipe>": "debug_dino_tiny", "/data/siteB": "siteB", "--gpu": ""}),
+    ("pretrain_dino", 0): Case(
+        "submit", {"<recipe>": "debug_dino_tiny", "/data/": "{root}/data/", "--gpu": ""}
+    ),
     ("pretrain_mae", 0): Case(
-        "sites", {"<recipe>": "debug_mae_tiny", "/data/siteB": "siteB", "--gpu": "", "my-run": "my-mae-run"}
+        "submit",
+        {"<recipe>": "debug_mae_tiny", "/data/": "{root}/data/", "--gpu": "", "my-run": "my-mae-run"},
     ),
     ("pretrain_federated", 0): Case(
-        "sites",
+        "submit",
         {"<recipe>": "debug_dino_tiny", "<sites>": "examples"},
         extra=("--rounds", "2", "--local-steps", "2"),
     ),
@@ -125,10 +132,10 @@ def test_every_docstring_example_has_a_case():
     assert all(c.startswith(("python jobs/", "ray job submit")) for _, _, c in ALL)
 
 
-def command(job: str, i: int, text: str) -> list[str]:
+def command(job: str, i: int, text: str, root: Path = Path("/ROOT")) -> list[str]:
     case = CASES[(job, i)]
     for old, new in case.replace.items():
-        text = text.replace(old, new)
+        text = text.replace(old, new.format(root=root))
     text = re.sub(r"(?<!\S)\[([^\]]*)\](?!\S)", r"\1" if case.keep_optional else "", text)  # [optional]
     return [*shlex.split(text), *case.extra]
 
@@ -166,10 +173,13 @@ def world(tmp_path_factory, s3):
     cluster = RayCluster(num_cpus=8, resources='{"site_a": 1, "site_b": 1}')
     cluster.env.update(s3.env(), FMCT_SITE_SECRET=SECRET)
     with cluster:
-        env = {**cluster.env, "RAY_ADDRESS": cluster.address, "RAY_API_SERVER_ADDRESS": cluster.dashboard}
+        # `ray job submit` goes to the cluster; `python jobs/...` starts a local Ray of its own, as on a
+        # workstation (relative paths are then the job's own folder, for its workers too)
+        submit = {**cluster.env, "RAY_API_SERVER_ADDRESS": cluster.dashboard}
+        env = {k: v for k, v in submit.items() if not k.startswith(("RAY_AUTH", "RAY_API"))}
         sites = _folder(root, "sites")
         # sites A and B on S3 (pretraining reads A and a local B; the downstream examples A and B)
-        write_store(str(sites / "siteB"), 8, site="B")
+        write_store(str(root / "data" / "siteB"), 8, site="B")
         rows = [
             write_store(f"s3://bucket/site{s}", 40, site=s, splits=("train", "train", "val", "test"), seed=k)
             for k, s in enumerate("AB")
@@ -183,10 +193,12 @@ def world(tmp_path_factory, s3):
         sites_file = {
             "sites": [
                 {"name": "site_a", "uri": "s3://bucket/siteA", "resource": "site_a"},
-                {"name": "site_b", "uri": str(sites / "siteB"), "resource": "site_b"},
+                {"name": "site_b", "uri": str(root / "data" / "siteB"), "resource": "site_b"},
             ]
         }
-        (sites / "configs" / "sites" / "examples.yaml").write_text(yaml.safe_dump(sites_file))
+        # `ray job submit --working-dir .` uploads the folder: the repository's files only, data elsewhere
+        submit_dir = _folder(root, "submit")
+        (submit_dir / "configs" / "sites" / "examples.yaml").write_text(yaml.safe_dump(sites_file))
         scans = SiteStore("s3://bucket/siteA").manifest()
         t0 = pd.Timestamp("2024-03-01")
         pd.DataFrame({"scan_id": scans["scan_id"], "scan_time": t0}).to_csv(
@@ -232,16 +244,18 @@ def world(tmp_path_factory, s3):
             )
         _folder(root, "demo")
         _folder(root, "study")
-        yield root, env
+        yield root, env, submit
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("job", "i", "text"), ALL, ids=[f"{j}-{i}" for j, i, _ in ALL])
 def test_docstring_example_runs(world, job, i, text):
-    root, env = world
+    root, env, submit = world
     case = CASES[(job, i)]
     cwd = root / case.cwd
-    out = _run(command(job, i, text), cwd, env, timeout=1200)
+    out = _run(
+        command(job, i, text, root), cwd, submit if text.startswith("ray job submit") else env, timeout=1200
+    )
     if "ray job submit" in text:
         assert "succeeded" in out, out[-3000:]
     check = CHECKS.get((job, i))

@@ -149,6 +149,13 @@ def test_every_job_names_its_sites_one_way(tmp_path):
     ]
     assert sites[2] == load_sites(path)[0]  # the file's storage, weight and resource
     assert job_sites() == ()  # a recipe may list its own
+    # a relative local path is the job's folder's: made absolute for workers and trials elsewhere
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert [s.uri for s in job_sites(["e=stores/e", "f=file:///x"])] == [
+            str(tmp_path / "stores/e"),
+            "file:///x",
+        ]
     for argv, message in [
         (["--stores", "/data/c"], "expected NAME=URI"),
         (["--stores", "s3://bucket/x=1"], "expected NAME=URI"),

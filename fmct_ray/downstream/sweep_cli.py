@@ -6,6 +6,7 @@ import argparse
 
 from fmct_ray.cli import add_store_args, sites_from_args
 from fmct_ray.downstream.tune import SweepLaunch
+from fmct_ray.storage import absolute
 
 
 def add_launch_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def _models(values: list[str] | None) -> dict[str, str]:
         name, uri = (name, uri) if sep and "/" not in name and ":" not in name else ("model", value)
         if name in models:
             raise SystemExit(f"--embeddings: model {name!r} given twice (name each file: MODEL=URI)")
-        models[name] = uri
+        models[name] = absolute(uri)
     return models
 
 
@@ -42,8 +43,8 @@ def launch_from_args(args: argparse.Namespace) -> SweepLaunch:
     models = _models(args.embeddings)
     return SweepLaunch(
         name=args.name,
-        storage_path=args.storage,
-        labels=args.labels,
+        storage_path=absolute(args.storage),
+        labels=absolute(args.labels),
         embeddings=next(iter(models.values()), None),
         models=models,
         stores={s.name: s.uri for s in sites},

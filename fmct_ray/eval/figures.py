@@ -43,7 +43,7 @@ def auroc_bars(table: pd.DataFrame, out: Path) -> dict[str, Path]:
     labels = [f"{s}\n{m}" for s, m in zip(table["site"], table["mode"])]
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(table)), 3.5))
     x = np.arange(len(table))
-    err = np.vstack([table["auroc"] - table["auroc_lo"], table["auroc_hi"] - table["auroc"]])
+    err = np.nan_to_num(np.vstack([table["auroc"] - table["auroc_lo"], table["auroc_hi"] - table["auroc"]]))
     colors = {t: f"C{i}" for i, t in enumerate(sorted(table["task"].unique()))}
     ax.bar(x, table["auroc"], yerr=err, capsize=3, color=[colors[t] for t in table["task"]])
     ax.set_xticks(x, labels, fontsize=6, rotation=90)

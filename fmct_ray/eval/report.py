@@ -75,10 +75,26 @@ def load_predictions(results_uri: str, storage: StorageConfig | None = None) -> 
 
 
 def _scores(group: pd.DataFrame, cfg: ReportConfig) -> dict:
+    """n, positives, AUROC with its bootstrap interval, AP; a test split with one class has no
+    AUROC, and one with too few positives for a stable bootstrap no interval (NaN, not an error:
+    one small site must not stop the report)."""
     y, s = group["label"].to_numpy(), group["score"].to_numpy()
-    ci = M.bootstrap_ci(
-        y, s, group["patient_id"].to_numpy(), n_resamples=cfg.n_resamples, level=cfg.level, seed=cfg.seed
-    )
+    try:
+        ci = M.bootstrap_ci(
+            y, s, group["patient_id"].to_numpy(), n_resamples=cfg.n_resamples, level=cfg.level, seed=cfg.seed
+        )
+    except ValueError:
+        both = 0 < y.sum() < len(y)
+        ci = M.Interval(M.auroc(y, s) if both else np.nan, np.nan, np.nan)
+        if not both:
+            return {
+                "n": len(y),
+                "positives": int(y.sum()),
+                "auroc": np.nan,
+                "auroc_lo": np.nan,
+                "auroc_hi": np.nan,
+                "ap": np.nan,
+            }
     return {
         "n": len(y),
         "positives": int(y.sum()),
@@ -97,7 +113,7 @@ def results_table(preds: pd.DataFrame, cfg: ReportConfig) -> pd.DataFrame:
     for (task, site, mode), g in main.groupby(["task", "train_site", "mode"], sort=True):
         row = {"task": task, "site": site, "mode": mode, **_scores(g, cfg), "p_vs_scratch": np.nan}
         ref = main[(main["task"] == task) & (main["train_site"] == site) & (main["mode"] == "scratch")]
-        if mode != "scratch" and len(ref):
+        if mode != "scratch" and len(ref) and not np.isnan(row["auroc"]):
             pair = g.merge(ref[["scan_id", "score"]], on="scan_id", suffixes=("", "_scratch"))
             _, row["p_vs_scratch"] = M.paired_permutation_test(
                 pair["label"].to_numpy(),
@@ -111,7 +127,11 @@ def results_table(preds: pd.DataFrame, cfg: ReportConfig) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if len(table):
         table["auroc_ci"] = [
-            f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
+            "one class: no AUROC"
+            if np.isnan(a)
+            else f"{a:.3f} (too few positives for an interval)"
+            if np.isnan(lo)
+            else f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
             for a, lo, hi in zip(table["auroc"], table["auroc_lo"], table["auroc_hi"])
         ]
     return table
@@ -120,7 +140,11 @@ def results_table(preds: pd.DataFrame, cfg: ReportConfig) -> pd.DataFrame:
 def fewshot_table(preds: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     """AUROC mean and interval over seeds per task x site x mode x K (in-domain)."""
     inner = preds[preds["train_site"] == preds["eval_site"]]
-    per_seed = inner.groupby(KEYS).apply(lambda g: M.auroc(g["label"], g["score"]), include_groups=False)
+    per_seed = inner.groupby(KEYS).apply(
+        lambda g: M.auroc(g["label"], g["score"]) if g["label"].nunique() == 2 else np.nan,
+        include_groups=False,
+    )
+    per_seed = per_seed.dropna()
     rows = []
     for (task, site, mode, shots), v in per_seed.groupby(level=[0, 1, 2, 3]):
         rows.append(

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from fmct_ray import config as config_lib
-from fmct_ray.storage import StorageConfig, filesystem, is_remote, join, storage_options
+from fmct_ray.storage import StorageConfig, absolute, filesystem, is_remote, join, storage_options
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2 writes it once a checkpoint is registered
 
@@ -166,7 +166,7 @@ def storage_filesystem(storage_path: str, storage: StorageConfig | None = None):
     """(path, pyarrow filesystem or None) for RunConfig. s3 goes through s3fs wrapped for pyarrow:
     pyarrow's own S3FileSystem fails CompleteMultipartUpload against moto (RAY_ZARR_NOTES)."""
     if not is_remote(storage_path):
-        return storage_path.removeprefix("file://"), None
+        return absolute(storage_path.removeprefix("file://")), None
     import pyarrow.fs
     import s3fs
 
