@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,13 @@ def s3():
 def site_secret(monkeypatch):
     monkeypatch.setenv("FMCT_SITE_SECRET", "test-secret-of-site")
     return "test-secret-of-site"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_ray_left_behind():
+    """A module whose tests start Ray in this process (a library call that initialises it, such as
+    `run_ingest`) leaves no Ray behind: the next module's `ray.init(num_cpus=2)` would fail."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
