@@ -86,22 +86,13 @@ def _scores(group: pd.DataFrame, cfg: ReportConfig) -> dict:
     except ValueError:
         both = 0 < y.sum() < len(y)
         ci = M.Interval(M.auroc(y, s) if both else np.nan, np.nan, np.nan)
-        if not both:
-            return {
-                "n": len(y),
-                "positives": int(y.sum()),
-                "auroc": np.nan,
-                "auroc_lo": np.nan,
-                "auroc_hi": np.nan,
-                "ap": np.nan,
-            }
     return {
         "n": len(y),
         "positives": int(y.sum()),
         "auroc": ci.estimate,
         "auroc_lo": ci.lo,
         "auroc_hi": ci.hi,
-        "ap": M.average_precision(y, s),
+        "ap": M.average_precision(y, s) if not np.isnan(ci.estimate) else np.nan,
     }
 
 

@@ -184,6 +184,11 @@ def _paired_p(primary: Primary, a: pd.DataFrame, b: pd.DataFrame, cfg) -> float:
         return float("nan")
 
 
+def _where(frame: pd.DataFrame, **values) -> pd.DataFrame:
+    """The rows of `frame` whose columns equal `values`."""
+    return frame[np.logical_and.reduce([frame[c] == v for c, v in values.items()])]
+
+
 def suite_tables(
     preds: pd.DataFrame, scores: pd.DataFrame, cfg, reference: str | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -212,25 +217,12 @@ def suite_tables(
             continue
         ci = _interval(primary, g, cfg)
         run = g.iloc[0]
-        match = scores[
-            (scores["model"] == model)
-            & (scores["task"] == task)
-            & (scores["probe"] == probe)
-            & (scores["site"] == site)
-            & (scores["eval_site"] == eval_site)
-            & (scores["seed"] == run["seed"])
-            & (scores["lr"] == run["lr"])
-        ]
+        key = {"task": task, "probe": probe, "site": site, "eval_site": eval_site}
+        match = _where(scores, model=model, seed=run["seed"], lr=run["lr"], **key)
         others = {m: match[m].iloc[0] for m in primary.others if m in match.columns and len(match)}
         p = float("nan")
         if reference and model != reference:
-            ref = kept[
-                (kept["model"] == reference)
-                & (kept["task"] == task)
-                & (kept["probe"] == probe)
-                & (kept["site"] == site)
-                & (kept["eval_site"] == eval_site)
-            ]
+            ref = _where(kept, model=reference, **key)
             p = _paired_p(primary, g, ref, cfg) if len(ref) else float("nan")
         rows.append(
             {
