@@ -278,6 +278,21 @@ def start_worker_node(head: RayCluster, tmp: str, resources: dict, tag: str) -> 
     raise RuntimeError(f"worker node failed to start:\n{out.stdout}\n{out.stderr}")
 
 
+def use_token_of(head: RayCluster, mp: pytest.MonkeyPatch) -> None:
+    """Make this process, the driver, present `head`'s token. Ray caches a process's auth mode and
+    token when its first cluster starts (any earlier `ray.init` in this pytest process, which runs
+    with token auth by default): a driver left in another mode or with another token is refused by
+    the nodes' workers when they ask it for an object ('OwnerDiedError') or register its actors
+    ('SchedulingCancelled'), while tasks on the head's own node still pass. Reset that cache, as
+    Ray's own tests do."""
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    mp.setenv("RAY_AUTH_MODE", "token")
+    mp.setenv("RAY_AUTH_TOKEN", head.env["RAY_AUTH_TOKEN"])
+    mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    reset_auth_token_state()
+
+
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """Head = site A's node (resource site_a), worker = site B's node (site_b), 1 CPU each; the
@@ -291,15 +306,13 @@ def two_nodes(tmp_path_factory):
         write_store(str(stores / site), 3, site=site, seed=ord(site))
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     head = RayCluster(num_cpus=1, resources=json.dumps({"site_a": 1}))
-    # This process is the driver, and Ray fixes a process's auth mode when `ray` is first imported
-    # (earlier, by other tests): run this cluster without a token rather than depend on import order.
-    head.env.update(FMCT_TEST_NODE="A", RAY_AUTH_MODE="disabled")
-    head.env.pop("RAY_AUTH_TOKEN")
+    head.env.update(FMCT_TEST_NODE="A")
     worker_tmp = tempfile.mkdtemp(prefix="ray_w_")
     with head, pytest.MonkeyPatch.context() as mp:
         try:
             start_worker_node(head, worker_tmp, {"site_b": 1}, "B")
             mp.setenv("FMCT_AUDIT_DIR", str(audit))
+            use_token_of(head, mp)
             register_audit()
             ray.init(
                 address=head.address,
@@ -323,6 +336,9 @@ def two_nodes(tmp_path_factory):
         finally:
             ray.shutdown()
             kill_processes_under(worker_tmp)
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    reset_auth_token_state()  # with the variables restored: later clusters of this process start clean
 
 
 def reads_of(audit: Path, root: Path) -> list[dict]:
@@ -506,8 +522,7 @@ ray.init(address={ray.get_runtime_context().gcs_address!r}, runtime_env=env)
 frame = run_finetune_sweep(config.load(FinetuneConfig, {recipe!r}, {overrides!r}), SweepLaunch(**{launch!r}))
 print("pid", os.getpid(), "trials", len(frame))
 """
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "FMCT_AUDIT_DIR": str(audit)}
-    env.pop("RAY_AUTH_TOKEN", None)
+    env = {**os.environ, "FMCT_AUDIT_DIR": str(audit)}  # with the cluster's token (use_token_of)
     out = subprocess.run([sys.executable, "-c", driver], env=env, text=True, capture_output=True, timeout=600)
     assert " trials 2" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
     driver_pid = int(out.stdout.split("pid ")[-1].split()[0])
