@@ -38,7 +38,7 @@ def test_dino_trains_without_collapse():
     torch.set_num_threads(2)
     log = ssl_curves.train_dino(300)
     log_k = log["log_k"]
-    # the loss rises while the teacher centre settles (steps ~0-50), then falls
+    # the loss goes on falling after the first 50 steps
     assert _mean(log["loss"], -30) < _mean(log["loss"], 20, 50) - 1.0
     entropy, marginal = _mean(log["entropy"], -30), _mean(log["marginal_entropy"], -30)
     assert 1.0 < entropy < log_k - 0.5  # neither one-hot nor uniform teacher outputs
@@ -50,5 +50,7 @@ def test_dino_trains_without_collapse():
 def test_mae_trains_300_steps():
     torch.set_num_threads(2)
     log = ssl_curves.train_mae(300)
-    assert _mean(log["loss"], -20) < 0.25 * _mean(log["loss"], 0, 20)
+    # most of the fall comes in the first ~15 steps (the mean intensity); the rest must go on falling
+    assert _mean(log["loss"], -20) < 0.25 * _mean(log["loss"], 0, 5)
+    assert _mean(log["loss"], -20) < 0.8 * _mean(log["loss"], 20, 40)
     assert _mean(log["embed_std"], -20) > 1e-2
