@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -19,8 +20,8 @@ def real_data() -> Path:
     return REAL
 
 
-@pytest.fixture(scope="session")
-def s3():
+@contextlib.contextmanager
+def serve_s3():
     """A real S3-compatible HTTP server (moto) on 127.0.0.1, with its credentials in the env."""
     with S3Server() as server:
         saved = {k: os.environ.get(k) for k in server.env()}
@@ -31,6 +32,13 @@ def s3():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """The session's S3 server (`serve_s3`), shared by the tests: give each test a bucket of its own."""
+    with serve_s3() as server:
+        yield server
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import serve_s3
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "job-examples-secret"
@@ -155,6 +156,14 @@ def _run(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> str:
     text = out.stdout + out.stderr
     assert out.returncode == 0, f"{' '.join(cmd)} in {cwd}:\n{text[-5000:]}"
     return text
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A server of this module's own: the examples write to `s3://bucket/` as written, a bucket
+    that other modules' tests create on the session's server (make test-all errored on it)."""
+    with serve_s3() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
