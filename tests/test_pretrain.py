@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -628,14 +629,20 @@ def test_mae_job_stops_then_resumes_when_resubmitted(cluster, s3, s3_store, tmp_
 
 
 def progress(out: str) -> list[tuple[int, str]]:
-    """(step, loss) of the console progress lines, each once (the job log echoes some twice)."""
+    """(step, loss) of the console progress lines, each once: the job log echoes some twice, and
+    an echo comes from the same worker process, while a step replayed after a restart comes from a
+    new one (with the same loss when the kill fell just after it)."""
     seq: list[tuple[int, str]] = []
+    last = None
     for line in out.splitlines():
         if "[step " in line and " loss " in line:
             tail = line[line.index("[step ") + 6 :]
             item = (int(tail.split("/", 1)[0]), tail.split(" loss ", 1)[1].split()[0])
-            if not seq or seq[-1] != item:
+            pid = re.search(r"pid=(\d+)", line)
+            key = (pid and pid.group(1), item)
+            if key != last:
                 seq.append(item)
+            last = key
     return seq
 
 
