@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from fmct_ray import config as config_lib
-from fmct_ray.eval.metrics import auroc, few_shot_summary, paired_permutation_test
+from fmct_ray.eval.metrics import auroc, few_shot_summary, paired_permutation_test, sign_flip_test
 
 ROOT = Path(__file__).resolve().parents[1]
 echo = functools.partial(print, flush=True)  # progress lines reach a redirected log as they happen
@@ -354,20 +354,23 @@ def family(backbone: str) -> str:
 
 def summarise(table: pd.DataFrame, labels: pd.DataFrame, reference: str = "random") -> pd.DataFrame:
     """Per (task, K, backbone family): mean test AUROC over draws (and init seeds) with a Student-t
-    interval, and for every other family the paired permutation p-value against `reference` on the
-    same test scans: each family's test scores are first averaged over its draws (and seeds)."""
+    interval, and for every other family against `reference`, on the same test scans and draws:
+    `delta_vs_random`, the mean over draws of the two probes' AUROC difference (each member of a
+    family paired with each of the other's, draw by draw), with two p-values: `p_vs_random`, the
+    paired permutation test on the scans (the draws held fixed), and `p_draws_vs_random`, the sign
+    flip test over the draws (would the gain hold for other draws?)."""
     table = table.assign(family=table["backbone"].map(family))
     rows = []
     for (task, k), g in table.groupby(["task", "shots"], sort=True):
-        ids = g["scan_id"].iloc[0]
-        y = labels.loc[list(ids), task].to_numpy(float)
-        mean_score = {f: np.mean(np.stack(list(c["score"])), axis=0) for f, c in g.groupby("family")}
+        y = labels.loc[list(g["scan_id"].iloc[0]), task].to_numpy(float)
         for fam, c in g.groupby("family"):
             row = {"task": task, "shots": int(k), "backbone": fam, **few_shot_summary(c["auroc"].to_numpy())}
-            if fam != reference and reference in mean_score:
-                row["delta_vs_random"], row["p_vs_random"] = paired_permutation_test(
-                    y, mean_score[fam], mean_score[reference]
-                )
+            pairs = c.merge(g[g["family"] == reference], on="draw", suffixes=("", "_ref"))
+            if fam != reference and len(pairs):
+                a, b = np.stack(list(pairs["score"])), np.stack(list(pairs["score_ref"]))
+                row["delta_vs_random"], row["p_vs_random"] = paired_permutation_test(y, a, b)
+                per_draw = (pairs["auroc"] - pairs["auroc_ref"]).groupby(pairs["draw"]).mean()
+                row["p_draws_vs_random"] = sign_flip_test(per_draw.to_numpy())[1]
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -390,7 +393,8 @@ def stage_report(cfg: StudyConfig, out: Path, log=echo) -> str:
         "# Few-shot linear probes: pretrained against random init (same preset, view, probe, draws)",
         "",
         f"Test AUROC, mean over {cfg.draws} draws [95% t interval]; random: {len(cfg.random_seeds)} init "
-        "seeds pooled; p: paired permutation test against random init on the held-out scans.",
+        "seeds pooled; p: paired permutation test against random init of the mean per-draw AUROC "
+        "difference on the held-out scans (draws held fixed); p_draws: sign flip test over the draws.",
         "",
     ]
     for task, g in summary.groupby("task"):
@@ -403,7 +407,7 @@ def stage_report(cfg: StudyConfig, out: Path, log=echo) -> str:
                 r = c[c["backbone"] == fam].iloc[0]
                 cell = f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
                 if "p_vs_random" in r and not pd.isna(r.get("p_vs_random")):
-                    cell += f" p={r['p_vs_random']:.3f}"
+                    cell += f" p={r['p_vs_random']:.3f} p_draws={r['p_draws_vs_random']:.3f}"
                 cells.append(cell)
             lines.append(f"| {k} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -125,6 +125,42 @@ def test_permutation_by_patient_swaps_whole_patients():
     assert grouped == pytest.approx(plain)
 
 
+def test_permutation_test_of_paired_rows_tests_their_mean_difference():
+    """Few-shot draws: row i of A is paired with row i of B; the statistic is the mean of the rows'
+    AUROC differences, and a scan is swapped in every row at once."""
+    y, s = random_case(8, n=200)
+    rng = np.random.default_rng(3)
+    a = s + rng.normal(0, 1.0, (4, 200))  # 4 draws of a better model
+    b = rng.normal(0, 1.0, (4, 200))  # and of one that sees nothing
+    delta, p = M.paired_permutation_test(y, a, b, n_permutations=300, seed=5)
+    assert delta == pytest.approx(np.mean([M.auroc(y, ai) - M.auroc(y, bi) for ai, bi in zip(a, b)]))
+    assert p < 0.01
+    # one row is the 1-D test; copies of one row swap together, so they change nothing
+    one = M.paired_permutation_test(y, a[0], b[0], n_permutations=300, seed=5)
+    assert M.paired_permutation_test(y, a[:1], b[:1], n_permutations=300, seed=5) == pytest.approx(one)
+    copies = M.paired_permutation_test(y, a[[0, 0, 0]], b[[0, 0, 0]], n_permutations=300, seed=5)
+    assert copies == pytest.approx(one)
+    # any metric, row by row
+    ap = M.paired_permutation_test(y, a, b, metric=M.average_precision, n_permutations=50, seed=5)
+    ranks = lambda v: M.stats.rankdata(v, axis=1) / 200  # noqa: E731
+    rows = [M.average_precision(y, ai) - M.average_precision(y, bi) for ai, bi in zip(ranks(a), ranks(b))]
+    assert ap[0] == pytest.approx(np.mean(rows))
+    with pytest.raises(ValueError, match="must match"):
+        M.paired_permutation_test(y, a, b[:3])
+
+
+def test_sign_flip_test_matches_exact_enumeration():
+    d = np.array([0.04, 0.01, -0.02, 0.05, 0.03, 0.00, 0.02, -0.01])
+    patterns = np.array(list(itertools.product([-1.0, 1.0], repeat=len(d))))
+    exact = np.mean(np.abs(patterns @ d) >= abs(d.sum()) - 1e-12)
+    mean, p = M.sign_flip_test(d, n_permutations=4000, seed=2)
+    assert mean == pytest.approx(d.mean()) and p == pytest.approx(exact, abs=0.02)
+    assert M.sign_flip_test([0.1] * 5, n_permutations=4000)[1] == pytest.approx(1 / 16, abs=0.015)
+    assert M.sign_flip_test([0.1, -0.1] * 4)[1] == 1.0
+    with pytest.raises(ValueError):
+        M.sign_flip_test([])
+
+
 def test_few_shot_summary():
     out = M.few_shot_summary([0.7, 0.8, 0.9, 0.8, 0.8])
     assert out["mean"] == pytest.approx(0.8) and out["n"] == 5

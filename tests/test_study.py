@@ -76,6 +76,8 @@ def test_summarise_pools_seeds_and_tests_against_random_init():
     assert family("random12") == "random" and set(summary.index) == {"good", "random"}
     assert summary.loc["random", "n"] == 6  # 3 draws x 2 seeds pooled
     assert summary.loc["good", "p_vs_random"] < 0.01 and summary.loc["good", "delta_vs_random"] > 0.3
+    # 3 draws, all in favour: the sign flip test over draws cannot go below 2 / 2^3
+    assert summary.loc["good", "p_draws_vs_random"] == pytest.approx(0.25, abs=0.06)
     assert math.isnan(summary.loc["random"].get("p_vs_random", math.nan))
 
 

@@ -13,6 +13,12 @@
   them at random per scan (per patient when groups are given). Scores are turned into ranks first,
   so models whose outputs live on different scales (logits, probabilities) can be swapped;
   `paired_permutation` is the same test for any metric whose predictions can be swapped per scan.
+  Given several paired rows (few-shot draws: both models' probes of one draw), it tests the mean of
+  the rows' differences, the quantity a few-shot table reports, swapping a scan in every row at once.
+- `sign_flip_test`: two-sided paired test over repeats (few-shot draws): under the null each
+  repeat's difference is as likely negative as positive. Unlike the scan-level test, which holds
+  the draws fixed, it asks whether the gain would hold for other draws (5 repeats cannot go below
+  p = 1/16).
 - `few_shot_summary`: mean and Student-t interval over the repeats of a few-shot run (5 seeds).
 
 Nothing here knows about Ray, devices or files.
@@ -194,26 +200,55 @@ def paired_permutation_test(
 
     Args:
         y_true: binary labels, one per scan.
-        score_a: scores of model A on those scans.
-        score_b: scores of model B on the same scans, in the same order.
+        score_a: scores of model A on those scans, (n,); or (r, n): r paired rows, such as the
+            probes of r few-shot draws, each scored on the same n scans.
+        score_b: scores of model B, the same shape, row i paired with row i of A.
         groups: patient ids; swaps then happen per patient (None: per scan).
-        metric: a rank-based metric (scores are converted to ranks before swapping).
+        metric: a rank-based metric (scores are converted to ranks, per row, before swapping).
         n_permutations: random sign flips (SPEC: 1,000).
         seed: generator seed.
 
     Returns:
-        (metric(A) - metric(B), p-value).
+        (mean over rows of metric(A_i) - metric(B_i), p-value). A permutation swaps a scan's two
+        predictions in every row at once: the rows stay paired and the draws are held fixed.
     """
     y = np.asarray(y_true)
     a, b = np.asarray(score_a, dtype=np.float64), np.asarray(score_b, dtype=np.float64)
-    if a.shape != y.shape or b.shape != y.shape:
+    if a.shape != b.shape or a.shape[-1:] != y.shape or a.ndim not in (1, 2):
         raise ValueError(f"labels {y.shape}, scores A {a.shape} and B {b.shape} must match")
-    a, b = stats.rankdata(a) / len(a), stats.rankdata(b) / len(b)
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    a, b = stats.rankdata(a, axis=1) / y.size, stats.rankdata(b, axis=1) / y.size
+    rows = _auroc_rows if metric is auroc else lambda y, s: np.array([metric(y, r) for r in s])
+    _check(y, a[0])
 
     def difference(swap: np.ndarray) -> float:
-        return metric(y, np.where(swap, b, a)) - metric(y, np.where(swap, a, b))
+        return float(np.mean(rows(y, np.where(swap, b, a)) - rows(y, np.where(swap, a, b))))
 
     return paired_permutation(difference, len(y), groups, n_permutations, seed)
+
+
+def _auroc_rows(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """`auroc` of each row of `scores` (r, n) against the same checked labels, in one ranking."""
+    y = np.asarray(y_true).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    ranks = stats.rankdata(scores, axis=1)
+    return (ranks[:, y].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def sign_flip_test(differences, n_permutations: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Two-sided paired test over repeats: the mean of `differences` (metric(A) - metric(B), one
+    per repeat) against random sign flips of them.
+
+    Returns:
+        (mean difference, p-value), p = (1 + #{|mean(+-d)| >= |mean(d)|}) / (1 + n_permutations).
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 1 or len(d) == 0 or not np.isfinite(d).all():
+        raise ValueError("sign_flip_test needs a 1-D list of finite differences")
+    observed = float(d.mean())
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_permutations, len(d)))
+    hits = int((np.abs(signs @ d / len(d)) >= abs(observed) - 1e-12).sum())
+    return observed, (1 + hits) / (1 + n_permutations)
 
 
 def few_shot_summary(values, level: float = 0.95) -> dict[str, float]:
