@@ -363,10 +363,10 @@ def summarise(table: pd.DataFrame, labels: pd.DataFrame, reference: str = "rando
     rows = []
     for (task, k), g in table.groupby(["task", "shots"], sort=True):
         y = labels.loc[list(g["scan_id"].iloc[0]), task].to_numpy(float)
+        ref = g[g["family"] == reference]
         for fam, c in g.groupby("family"):
             row = {"task": task, "shots": int(k), "backbone": fam, **few_shot_summary(c["auroc"].to_numpy())}
-            pairs = c.merge(g[g["family"] == reference], on="draw", suffixes=("", "_ref"))
-            if fam != reference and len(pairs):
+            if fam != reference and len(pairs := c.merge(ref, on="draw", suffixes=("", "_ref"))):
                 a, b = np.stack(list(pairs["score"])), np.stack(list(pairs["score_ref"]))
                 row["delta_vs_random"], row["p_vs_random"] = paired_permutation_test(y, a, b)
                 per_draw = (pairs["auroc"] - pairs["auroc_ref"]).groupby(pairs["draw"]).mean()

@@ -53,10 +53,7 @@ def _check(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
 def auroc(y_true, y_score) -> float:
     """Area under the ROC curve (Mann-Whitney U / (n_pos n_neg), ties count 1/2)."""
     y, s = _check(y_true, y_score)
-    ranks = stats.rankdata(s)  # average ranks for ties
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(_auroc_rows(y, s[None])[0])
 
 
 def average_precision(y_true, y_score) -> float:
@@ -231,7 +228,7 @@ def _auroc_rows(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """`auroc` of each row of `scores` (r, n) against the same checked labels, in one ranking."""
     y = np.asarray(y_true).astype(bool)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
-    ranks = stats.rankdata(scores, axis=1)
+    ranks = stats.rankdata(scores, axis=1)  # average ranks for ties
     return (ranks[:, y].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
